@@ -1,0 +1,159 @@
+"""Build (or find in the cache) the dataset a profile asks for.
+
+* ``data.source: simulated`` — the embedded default: a procedural chest cohort
+  (:mod:`invariscope.phantom`) with projection-domain dose simulation (:mod:`invariscope.ctsim`),
+  split on patient level, generated once and cached under ``data/simulated/<key>/`` where the
+  key is a hash of every simulation and split parameter.
+* ``data.source: mayo`` — the Mayo LDCT-and-Projection-data tree, imported once
+  (:mod:`invariscope.mayo`) into ``data/mayo/<key>/``.
+
+Both end as the same on-disk format (:mod:`invariscope.dataset`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from . import ctsim, phantom
+from .dataset import CTDataset, DatasetError, DatasetWriter
+from .params import DataParams, Params, SimulationParams, digest
+from .paths import data_dir
+
+RMSE_CLIP_HU = (-1024.0, 1900.0)
+
+
+def assign_splits(n_train: int, n_val: int, n_test: int, seed: int) -> list[str]:
+    """Split labels for patients 0..n-1: a seeded permutation, 35/10/5 in the paper."""
+    labels = np.array(["train"] * n_train + ["val"] * n_val + ["test"] * n_test)
+    return list(np.random.default_rng(seed).permutation(labels))
+
+
+def simulated_patient_ids(n: int) -> list[str]:
+    """IDs S001, S002, ... of the simulated patients."""
+    return [f"S{i + 1:03d}" for i in range(n)]
+
+
+def simulation_key(data: DataParams) -> str:
+    """Cache key of a simulated cohort: every parameter that changes its content."""
+    return digest({"sim": data.simulation.model_dump(mode="json"),
+                   "split": data.split.model_dump(mode="json"), "split_seed": data.split_seed,
+                   "format": 1})
+
+
+def simulate_patient(sim: SimulationParams, index: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Low- and full-dose HU slices (n, H, W) of simulated patient ``index`` and pixel size (mm).
+
+    Every patient has its own random stream (``[sim.seed, index]``): a patient's images do not
+    depend on how many others are built, so an interrupted build resumes exactly.
+    """
+    rng = np.random.default_rng([sim.seed, index])
+    anatomy = phantom.sample_anatomy(rng)
+    lo, hi = sim.slices_per_patient
+    n_slices = int(rng.integers(lo, hi + 1))
+    hu = phantom.render_slices(anatomy, n_slices, sim.image_size, sim.fov_mm, rng)
+    projector = ctsim.get_projector(sim.image_size, sim.fov_mm, sim.n_views, sim.n_detectors)
+    low, full = ctsim.simulate_dose_pair(
+        hu,
+        projector=projector,
+        full_dose_photons=sim.full_dose_photons,
+        dose_fraction=sim.dose_fraction,
+        electronic_noise_sd=sim.electronic_noise_sd,
+        mu_water_per_mm=sim.mu_water_per_mm,
+        rng=rng,
+        filter=sim.fbp_filter,
+    )
+    return low, full, sim.fov_mm / sim.image_size
+
+
+def build_simulated_cohort(data: DataParams, root: Path | None = None, progress: bool = True) -> CTDataset:
+    """Build the simulated cohort (or return the cached one); resumes an interrupted build."""
+    root = root or data_dir() / "simulated" / simulation_key(data)
+    if (root / "manifest.json").is_file():
+        return CTDataset(root)
+    sp = data.split
+    labels = assign_splits(sp.train, sp.val, sp.test, data.split_seed)
+    ids = simulated_patient_ids(len(labels))
+    writer = DatasetWriter(root, source="simulated", params=data.model_dump(mode="json"))
+    todo = [i for i, pid in enumerate(ids) if not writer.has_patient(pid)]
+    for i in tqdm(todo, desc="simulating patients", unit="patient", disable=not progress):
+        low, full, spacing = simulate_patient(data.simulation, i)
+        writer.add_patient(ids[i], labels[i], low, full, spacing,
+                           positions_mm=[k * 5.0 for k in range(low.shape[0])])
+    return writer.finalize(normalization=None)
+
+
+def import_key(data: DataParams) -> str:
+    """Cache key of an imported Mayo tree."""
+    return digest({"root": str(Path(data.mayo_root).expanduser().resolve()),
+                   "on_error": data.on_error, "format": 1})
+
+
+def prepare_dataset(params: Params, progress: bool = True) -> CTDataset:
+    """The dataset of a profile: the cached simulated cohort, or the imported Mayo data."""
+    data = params.data
+    if data.source == "simulated":
+        return build_simulated_cohort(data, progress=progress)
+    from .mayo import import_mayo  # pydicom is only needed for real data
+
+    if not data.mayo_root:
+        raise DatasetError(
+            f"profile {params.profile!r} uses the Mayo data (data.source: mayo) but data.mayo_root "
+            "is not set: pass --data /path/to/LDCT-and-Projection-data to run_all.sh, or set "
+            f"data.mayo_root in {params.source_file}"
+        )
+
+    root = data_dir() / "mayo" / import_key(data)
+    if (root / "manifest.json").is_file():
+        return CTDataset(root)
+    return import_mayo(Path(data.mayo_root).expanduser(), root, on_error=data.on_error,
+                       progress=progress)
+
+
+def ld_rmse_hu(dataset: CTDataset, split: str = "test") -> np.ndarray:
+    """Per-slice RMSE (HU) of low vs full dose, values clipped to [-1024, 1900] (Table 1, LD row)."""
+    out = []
+    for pid in dataset.patients(split):
+        low = np.clip(dataset.volume(pid, "low").astype(np.float64), *RMSE_CLIP_HU)
+        full = np.clip(dataset.volume(pid, "full").astype(np.float64), *RMSE_CLIP_HU)
+        out.extend(np.sqrt(np.mean((low - full) ** 2, axis=(1, 2))))
+    if not out:
+        raise DatasetError(f"split {split!r} of {dataset.root} is empty")
+    return np.asarray(out)
+
+
+def noise_check(sim: SimulationParams, n_repeats: int = 4, seed: int = 0) -> dict[str, Any]:
+    """Noise SD and bias of low/full dose in a uniform water cylinder at the profile's geometry.
+
+    Returns SDs (HU) inside the central region, their ratio against the expected
+    sqrt(1/dose), and the mean bias (HU) of each dose against the noiseless reconstruction.
+    """
+    size = sim.image_size
+    yy, xx = (np.mgrid[:size, :size] - (size - 1) / 2) * (sim.fov_mm / size)
+    r = np.hypot(yy, xx)
+    radius = 0.35 * sim.fov_mm
+    water = np.where(r < radius, 0.0, -1000.0).astype(np.float32)[None].repeat(n_repeats, 0)
+    projector = ctsim.get_projector(size, sim.fov_mm, sim.n_views, sim.n_detectors)
+    rng = np.random.default_rng(seed)
+    low, full = ctsim.simulate_dose_pair(
+        water, projector=projector, full_dose_photons=sim.full_dose_photons,
+        dose_fraction=sim.dose_fraction, electronic_noise_sd=sim.electronic_noise_sd,
+        mu_water_per_mm=sim.mu_water_per_mm, rng=rng, filter=sim.fbp_filter)
+    clean = ctsim.reconstruct_noiseless(water[:1], projector=projector,
+                                        mu_water_per_mm=sim.mu_water_per_mm, filter=sim.fbp_filter)
+    roi = r < 0.5 * radius
+    sd_low = float(np.std((low - clean)[:, roi]))
+    sd_full = float(np.std((full - clean)[:, roi]))
+    expected = float(np.sqrt(1.0 / sim.dose_fraction))
+    return {
+        "sd_low_hu": sd_low,
+        "sd_full_hu": sd_full,
+        "ratio": sd_low / sd_full,
+        "expected_ratio": expected,
+        "ratio_error": sd_low / sd_full / expected - 1.0,
+        "bias_low_hu": float(np.mean((low - clean)[:, roi])),
+        "bias_full_hu": float(np.mean((full - clean)[:, roi])),
+    }

@@ -1,0 +1,260 @@
+"""Profiles of hyperparameters: ``params/<profile>.yaml``, validated on load.
+
+One YAML file per profile (``smoke``, ``default``, ``paper``) is the single source of truth for
+every stage. Unknown keys, missing keys and out-of-range values raise :class:`ParamsError`
+naming the file, the dotted key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .paths import params_dir
+
+PROFILES = ("smoke", "default", "paper")
+
+
+class ParamsError(ValueError):
+    """A parameter file is missing, malformed, or holds a wrong key or value."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SplitParams(_Section):
+    """Patients per split (patient-level split; the paper's is 35/10/5)."""
+
+    train: int = Field(35, ge=1)
+    val: int = Field(10, ge=1)
+    test: int = Field(5, ge=1)
+
+
+class SimulationParams(_Section):
+    """Simulated chest low-dose CT cohort: phantom, geometry and dose physics."""
+
+    image_size: int = Field(ge=32, le=1024, description="slice size in pixels")
+    fov_mm: float = Field(gt=50, le=1000, description="reconstructed field of view (mm)")
+    n_views: int = Field(ge=16, le=4096, description="projection angles over 180 degrees")
+    n_detectors: int | None = Field(None, ge=16, description="detector bins; null = automatic")
+    full_dose_photons: float = Field(gt=0, description="unattenuated photons per ray at full dose")
+    dose_fraction: float = Field(gt=0, le=1, description="low dose as a fraction of full dose")
+    electronic_noise_sd: float = Field(ge=0, description="Gaussian electronic noise SD (counts)")
+    mu_water_per_mm: float = Field(gt=0, description="linear attenuation of water (1/mm)")
+    fbp_filter: Literal["ram-lak", "shepp-logan", "hann"] = "ram-lak"
+    slices_per_patient: tuple[int, int] = Field(description="[min, max] slices per patient")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_slices(self) -> "SimulationParams":
+        lo, hi = self.slices_per_patient
+        if not 1 <= lo <= hi:
+            raise ValueError("slices_per_patient must be [min, max] with 1 <= min <= max")
+        return self
+
+
+class DataParams(_Section):
+    """Which cohort to use and how to split it."""
+
+    source: Literal["simulated", "mayo"] = "simulated"
+    mayo_root: str | None = Field(None, description="path to LDCT-and-Projection-data")
+    on_error: Literal["raise", "skip"] = Field(
+        "raise", description="bad DICOM input: stop with an error, or skip it and record it"
+    )
+    split: SplitParams = SplitParams()
+    split_seed: int = 0
+    simulation: SimulationParams
+
+
+class LoaderParams(_Section):
+    """Random crops for training; patient-weighted sampling."""
+
+    crop_size: int = Field(ge=16, le=1024)
+    num_workers: int = Field(0, ge=0)
+
+
+class _DenoiserTrainParams(_Section):
+    """What every trained denoiser has: iterations, batch, patch and Adam settings."""
+
+    iterations: int = Field(ge=1, description="generator (optimizer) steps")
+    batch_size: int = Field(ge=1, description="training crops per step")
+    patch_size: int = Field(ge=16, le=1024, description="side of the square training crops (px)")
+    lr: float = Field(gt=0, description="Adam learning rate (all networks of the method)")
+    beta1: float = Field(0.9, ge=0, lt=1, description="Adam beta1")
+    beta2: float = Field(0.999, ge=0, lt=1, description="Adam beta2")
+
+
+class CNN10TrainParams(_DenoiserTrainParams):
+    """CNN-10 trained with the MSE loss (paper: lr 1.58e-4, 86,188 it., batch 68, patch 92)."""
+
+
+class REDCNNTrainParams(_DenoiserTrainParams):
+    """RED-CNN trained with the MSE loss (paper: lr 9.58e-5, 92,994 it., batch 73, patch 128)."""
+
+    patch_size: int = Field(ge=21, le=1024, description="side of the square training crops (px)")
+
+
+class WGANVGGTrainParams(_DenoiserTrainParams):
+    """WGAN-VGG: WGAN-GP critic + generator loss ``-critic(G(x)) + lambda_perceptual * VGG19``."""
+
+    patch_size: int = Field(ge=29, le=1024, description="crop side (px); fixes the critic's FC size")
+    lambda_perceptual: float = Field(ge=0, description="weight of the VGG19 conv5_4 L1 loss")
+    lambda_gp: float = Field(10.0, ge=0, description="WGAN-GP gradient-penalty weight")
+    critic_steps: int = Field(1, ge=1, description="critic updates per generator update")
+
+
+class DUGANTrainParams(_DenoiserTrainParams):
+    """DU-GAN: RED-CNN generator, image- and gradient-domain U-Net discriminators (LSGAN).
+
+    Generator loss: ``lambda_adv * (adv_img + adv_grad) + lambda_px_im * MSE + lambda_px_grad *
+    L1(Sobel)``. Discriminator loss: LSGAN on the global and per-pixel outputs (real 1, denoised 0,
+    low dose 0) plus, with probability ``min(step / cutmix_warmup, 1) * cutmix_prob``, the CutMix
+    terms (the consistency term weighted by ``lambda_cutmix``).
+    """
+
+    lambda_adv: float = Field(ge=0, description="weight of both adversarial generator losses")
+    lambda_px_im: float = Field(1.0, ge=0, description="weight of the pixel MSE loss")
+    lambda_px_grad: float = Field(ge=0, description="weight of the Sobel-gradient L1 loss")
+    lambda_cutmix: float = Field(ge=0, description="weight of the CutMix consistency loss")
+    cutmix_prob: float = Field(0.5, ge=0, le=1, description="CutMix probability after warm-up")
+    cutmix_warmup: int = Field(ge=1, description="steps over which the CutMix probability ramps up")
+    d_steps: int = Field(2, ge=1, description="image-discriminator updates per generator update "
+                         "(the gradient discriminator is updated once, as in the authors' code)")
+    disc_channels: int = Field(64, ge=4, description="U-Net discriminator base width (paper 64)")
+    disc_depth: int = Field(6, ge=2, le=8, description="U-Net discriminator down blocks (paper 6); "
+                            "crops need patch_size >= 2**disc_depth")
+
+    @model_validator(mode="after")
+    def _check_depth(self) -> "DUGANTrainParams":
+        if self.patch_size < 2**self.disc_depth:
+            raise ValueError(f"patch_size {self.patch_size} is smaller than 2**disc_depth = "
+                             f"{2**self.disc_depth} (U-Net discriminator)")
+        return self
+
+
+class DenoisersParams(_Section):
+    """The denoisers a profile trains/uses, and their training settings."""
+
+    methods: list[Literal["cnn10", "redcnn", "wganvgg", "dugan", "gaussri"]] = Field(
+        min_length=1, description="denoisers this profile runs (gaussri needs no training)"
+    )
+    checkpoint_every: int = Field(ge=1, description="steps between last.pt checkpoints")
+    validate_every: int = Field(ge=1, description="steps between validations (best.pt by SSIM)")
+    val_slices: int = Field(ge=1, description="full validation slices in the SSIM that picks best.pt")
+    vgg_weights: str | None = Field(
+        None, description="torchvision vgg19-dcbb9e9d.pth (relative to the repo root or absolute); "
+        "null = a fixed random VGG19 (the run records vgg_pretrained: false)"
+    )
+    cnn10: CNN10TrainParams
+    redcnn: REDCNNTrainParams
+    wganvgg: WGANVGGTrainParams
+    dugan: DUGANTrainParams
+
+
+class Params(_Section):
+    """All parameters of one profile."""
+
+    seed: int = 1332
+    data: DataParams
+    loader: LoaderParams
+    denoisers: DenoisersParams
+
+    # Filled in by load_params, not by the YAML file.
+    profile: str = Field("", exclude=True)
+    source_file: str = Field("", exclude=True)
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
+    """Field names of the (sub)model that holds the key at ``loc`` (for 'extra key' errors)."""
+    current: Any = model
+    for part in loc[:-1]:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = current.model_fields.get(str(part))
+        if field is None:
+            return None
+        current = field.annotation
+        if get_origin(current) is not None:  # Optional[...] and friends
+            subs = [a for a in get_args(current) if isinstance(a, type) and issubclass(a, BaseModel)]
+            current = subs[0] if subs else None
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return [k for k, f in current.model_fields.items() if not f.exclude]
+    return None
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid parameters in {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<top level>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(Params, e["loc"])
+            msg = "unknown key" + (f"; allowed keys here: {', '.join(allowed)}" if allowed else "")
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        else:
+            msg = f"{msg} (got {e.get('input')!r})"
+        lines.append(f"  - {key}: {msg}")
+    return "\n".join(lines)
+
+
+def _deep_update(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in overrides.items():
+        if "." in key:
+            head, rest = key.split(".", 1)
+            out[head] = _deep_update(dict(out.get(head) or {}), {rest: value})
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_update(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def profile_path(profile: str | Path) -> Path:
+    """The YAML file of a profile name (``params/<name>.yaml``) or an explicit path."""
+    p = Path(profile)
+    if p.suffix in (".yaml", ".yml"):
+        return p.expanduser().resolve()
+    return params_dir() / f"{profile}.yaml"
+
+
+def load_params(profile: str | Path = "default", overrides: dict[str, Any] | None = None) -> Params:
+    """Load and validate a profile.
+
+    ``profile`` is a profile name (``smoke``, ``default``, ``paper`` or any ``params/<name>.yaml``)
+    or a path to a YAML file. ``overrides`` maps dotted keys (``"data.source"``) or nested dicts
+    to values applied on top of the file, validated the same way.
+    """
+    path = profile_path(profile)
+    if not path.is_file():
+        names = sorted(p.stem for p in params_dir().glob("*.yaml"))
+        raise ParamsError(f"no parameter file {path}; available profiles: {', '.join(names)}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: the top level must be a mapping of sections")
+    for reserved in ("profile", "source_file"):
+        if reserved in raw:
+            raise ParamsError(f"{path}: key '{reserved}' is set by the loader; remove it")
+    data = _deep_update(raw, overrides or {})
+    try:
+        params = Params.model_validate(data)
+    except ValidationError as exc:
+        raise ParamsError(_format_errors(exc, str(path))) from None
+    return params.model_copy(update={"profile": path.stem, "source_file": str(path)})
+
+
+def digest(section: BaseModel | dict[str, Any], length: int = 12) -> str:
+    """A short, stable hash of a parameter section (cache keys, checkpoint compatibility)."""
+    payload = section.model_dump(mode="json") if isinstance(section, BaseModel) else section
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:length]

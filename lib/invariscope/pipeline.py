@@ -1,0 +1,151 @@
+"""Run the pipeline's notebooks with papermill (the engine behind ``./run_all.sh``).
+
+Each stage is a numbered notebook, run once per profile (or once per denoiser for per-denoiser
+stages). Executed notebooks are written to ``runs/<profile>/notebooks/``; a stage whose notebook,
+parameters and upstream stages are unchanged since its last successful run is skipped
+(``--force`` reruns it). Long stages checkpoint themselves, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import atomic
+from .params import ParamsError, digest, load_params
+from .paths import ensure, figures_dir, repo_root, run_dir
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage: a notebook, run once or once per denoiser."""
+
+    name: str
+    notebook: str
+    per_denoiser: bool = False
+
+
+STAGES: tuple[Stage, ...] = (Stage("data", "00_data.ipynb"),)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One notebook execution: a stage, optionally for one denoiser."""
+
+    stage: Stage
+    denoiser: str | None
+    parameters: dict[str, Any]
+
+    @property
+    def label(self) -> str:
+        return self.stage.name + (f"[{self.denoiser}]" if self.denoiser else "")
+
+    @property
+    def output_name(self) -> str:
+        stem = Path(self.stage.notebook).stem
+        return f"{stem}_{self.denoiser}.ipynb" if self.denoiser else f"{stem}.ipynb"
+
+
+def _file_sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def plan(profile: str, data_root: str | None, only: str | None, start: str | None) -> list[Job]:
+    """The jobs of a run, in order."""
+    names = [s.name for s in STAGES]
+    for flag, value in (("--only", only), ("--from", start)):
+        if value is not None and value not in names:
+            raise SystemExit(f"{flag} {value!r}: unknown stage; stages are {', '.join(names)}")
+    stages = list(STAGES)
+    if start:
+        stages = stages[names.index(start):]
+    if only:
+        stages = [s for s in stages if s.name == only]
+    params = {"profile": profile, "data_root": data_root or ""}
+    return [Job(s, None, dict(params)) for s in stages]
+
+
+def job_stamp(job: Job, params_dump: dict[str, Any], upstream: list[str]) -> str:
+    """Everything a job's result depends on, hashed."""
+    nb = repo_root() / "notebooks" / job.stage.notebook
+    return digest({"notebook": _file_sha(nb), "params": params_dump,
+                   "parameters": job.parameters, "upstream": upstream}, length=16)
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Command-line entry point (see ``./run_all.sh --help``)."""
+    ap = argparse.ArgumentParser(prog="run_all.sh", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--profile", default="default", help="smoke | default | paper (default: default)")
+    ap.add_argument("--data", default=None, metavar="DIR",
+                    help="Mayo LDCT-and-Projection-data folder (switches the data source to mayo)")
+    ap.add_argument("--force", action="store_true", help="rerun stages even if up to date")
+    ap.add_argument("--only", metavar="STAGE", help="run only this stage")
+    ap.add_argument("--from", dest="start", metavar="STAGE", help="start at this stage")
+    ap.add_argument("--dry-run", action="store_true", help="list what would run, run nothing")
+    args = ap.parse_args(argv)
+
+    overrides = {"data.source": "mayo", "data.mayo_root": args.data} if args.data else {}
+    try:
+        params = load_params(args.profile, overrides)
+    except ParamsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.data and not Path(args.data).expanduser().is_dir():
+        print(f"error: --data {args.data}: no such folder", file=sys.stderr)
+        return 2
+    jobs = plan(args.profile, args.data, args.only, args.start)
+    out_dir = ensure(run_dir(params.profile) / "notebooks")
+    params_dump = params.model_dump(mode="json")
+    stamps: list[str] = []
+    for job in jobs:
+        out = out_dir / job.output_name
+        done_file = out.with_suffix(".done.json")
+        stamp = job_stamp(job, params_dump, stamps)
+        stamps.append(stamp)
+        done = done_file.is_file() and json.loads(done_file.read_text()).get("stamp") == stamp
+        status = "up to date, skip" if done and not args.force else "run"
+        print(f"[{params.profile}] {job.label:<24} {status:<17} -> {out.relative_to(repo_root())}")
+        if args.dry_run or (done and not args.force):
+            continue
+        _execute(job, out)
+        atomic.write_json(done_file, {"stamp": stamp, "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+    if not args.dry_run:
+        print(f"figures and tables: {figures_dir(params.profile).relative_to(repo_root())}/")
+    return 0
+
+
+def _execute(job: Job, out: Path) -> None:
+    """Run one notebook; on success it replaces ``out``, on failure it is kept as *.failed.ipynb."""
+    import papermill as pm
+    from papermill.exceptions import PapermillExecutionError
+
+    nb_dir = repo_root() / "notebooks"
+    running = out.with_name(out.stem + ".running.ipynb")
+    failed = out.with_name(out.stem + ".failed.ipynb")
+    try:
+        pm.execute_notebook(
+            str(nb_dir / job.stage.notebook), str(running), parameters=job.parameters,
+            kernel_name="python3", cwd=str(nb_dir), progress_bar=True, language="python",
+        )
+    except PapermillExecutionError as exc:
+        running.replace(failed)
+        raise SystemExit(
+            f"stage {job.label} failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue}\n"
+            f"the executed notebook is kept at {failed}"
+        ) from None
+    except BaseException:
+        if running.exists():
+            running.replace(failed)
+        raise
+    failed.unlink(missing_ok=True)
+    running.replace(out)
+
+
+if __name__ == "__main__":
+    sys.exit(run())

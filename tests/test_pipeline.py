@@ -1,0 +1,66 @@
+"""run_all.sh's engine: planning, dry run, argument errors, papermill-ready notebooks."""
+
+from __future__ import annotations
+
+import json
+
+import nbformat
+import pytest
+
+from invariscope import pipeline
+from invariscope.paths import repo_root
+
+
+def test_dry_run_lists_stages_and_runs_nothing(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("INVARISCOPE_ROOT", str(repo_root()))
+    assert pipeline.run(["--profile", "smoke", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "data" in out and "runs/smoke/notebooks/00_data.ipynb" in out
+
+
+def test_paper_profile_dry_run_with_data_folder(capsys, tmp_path):
+    assert pipeline.run(["--profile", "paper", "--data", str(tmp_path), "--dry-run"]) == 0
+    assert "[paper] data" in capsys.readouterr().out
+
+
+def test_bad_arguments_are_reported(capsys, tmp_path):
+    assert pipeline.run(["--profile", "nope", "--dry-run"]) == 2
+    assert "available profiles" in capsys.readouterr().err
+    assert pipeline.run(["--profile", "smoke", "--data", str(tmp_path / "missing"), "--dry-run"]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="unknown stage"):
+        pipeline.run(["--profile", "smoke", "--only", "nostage", "--dry-run"])
+
+
+def test_stamp_changes_with_parameters():
+    from invariscope.params import load_params
+
+    job = pipeline.plan("smoke", None, None, None)[0]
+    a = pipeline.job_stamp(job, load_params("smoke").model_dump(mode="json"), [])
+    b = pipeline.job_stamp(job, load_params("smoke", {"seed": 1}).model_dump(mode="json"), [])
+    assert a != b
+
+
+@pytest.mark.parametrize("stage", pipeline.STAGES, ids=lambda s: s.name)
+def test_every_notebook_has_a_parameters_cell_defaulting_to_smoke(stage):
+    nb = nbformat.read(repo_root() / "notebooks" / stage.notebook, as_version=4)
+    cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(cells) == 1
+    assert 'profile = "smoke"' in cells[0].source
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), \
+        "commit notebooks without outputs"
+
+
+@pytest.mark.parametrize("profile", ["smoke", "default", "paper"])
+@pytest.mark.parametrize("stage", pipeline.STAGES, ids=lambda s: s.name)
+def test_papermill_prepare_only(stage, profile, tmp_path):
+    """Every notebook accepts every profile's parameters (papermill --prepare-only)."""
+    import papermill as pm
+
+    out = tmp_path / "out.ipynb"
+    pm.execute_notebook(str(repo_root() / "notebooks" / stage.notebook), str(out),
+                        parameters={"profile": profile, "data_root": ""}, prepare_only=True,
+                        kernel_name="python3")
+    nb = json.loads(out.read_text())
+    injected = [c for c in nb["cells"] if "injected-parameters" in c["metadata"].get("tags", [])]
+    assert injected and f'profile = "{profile}"' in "".join(injected[0]["source"])
