@@ -20,7 +20,20 @@ def test_dry_run_lists_stages_and_runs_nothing(capsys, tmp_path, monkeypatch):
 
 def test_paper_profile_dry_run_with_data_folder(capsys, tmp_path):
     assert pipeline.run(["--profile", "paper", "--data", str(tmp_path), "--dry-run"]) == 0
-    assert "[paper] data" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "[paper] data" in out
+    for d in ("cnn10", "redcnn", "wganvgg", "dugan", "gaussri"):
+        assert f"denoiser[{d}]" in out
+
+
+def test_denoiser_subset_and_stage_selection(capsys):
+    assert pipeline.run(["--profile", "smoke", "--only", "denoiser", "--denoisers", "redcnn,gaussri",
+                         "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "denoiser[redcnn]" in out and "denoiser[gaussri]" in out
+    assert "denoiser[cnn10]" not in out and "] data " not in out
+    assert pipeline.run(["--profile", "smoke", "--denoisers", "unet", "--dry-run"]) == 2
+    assert "not in the profile's denoisers" in capsys.readouterr().err
 
 
 def test_bad_arguments_are_reported(capsys, tmp_path):
@@ -35,7 +48,7 @@ def test_bad_arguments_are_reported(capsys, tmp_path):
 def test_stamp_changes_with_parameters():
     from invariscope.params import load_params
 
-    job = pipeline.plan("smoke", None, None, None)[0]
+    job = pipeline.plan("smoke", None, None, None, ["cnn10"])[0]
     a = pipeline.job_stamp(job, load_params("smoke").model_dump(mode="json"), [])
     b = pipeline.job_stamp(job, load_params("smoke", {"seed": 1}).model_dump(mode="json"), [])
     assert a != b
@@ -58,9 +71,11 @@ def test_papermill_prepare_only(stage, profile, tmp_path):
     import papermill as pm
 
     out = tmp_path / "out.ipynb"
+    parameters = {"profile": profile, "data_root": ""}
+    if stage.per_denoiser:
+        parameters["denoiser"] = "redcnn"
     pm.execute_notebook(str(repo_root() / "notebooks" / stage.notebook), str(out),
-                        parameters={"profile": profile, "data_root": ""}, prepare_only=True,
-                        kernel_name="python3")
+                        parameters=parameters, prepare_only=True, kernel_name="python3")
     nb = json.loads(out.read_text())
     injected = [c for c in nb["cells"] if "injected-parameters" in c["metadata"].get("tags", [])]
     assert injected and f'profile = "{profile}"' in "".join(injected[0]["source"])

@@ -20,11 +20,9 @@ from tqdm.auto import tqdm
 
 from . import ctsim, phantom
 from .dataset import CTDataset, DatasetError, DatasetWriter
+from .metrics import rmse_hu
 from .params import DataParams, Params, SimulationParams, digest
 from .paths import data_dir
-
-RMSE_CLIP_HU = (-1024.0, 1900.0)
-
 
 def assign_splits(n_train: int, n_val: int, n_test: int, seed: int) -> list[str]:
     """Split labels for patients 0..n-1: a seeded permutation, 35/10/5 in the paper."""
@@ -117,9 +115,8 @@ def ld_rmse_hu(dataset: CTDataset, split: str = "test") -> np.ndarray:
     """Per-slice RMSE (HU) of low vs full dose, values clipped to [-1024, 1900] (Table 1, LD row)."""
     out = []
     for pid in dataset.patients(split):
-        low = np.clip(dataset.volume(pid, "low").astype(np.float64), *RMSE_CLIP_HU)
-        full = np.clip(dataset.volume(pid, "full").astype(np.float64), *RMSE_CLIP_HU)
-        out.extend(np.sqrt(np.mean((low - full) ** 2, axis=(1, 2))))
+        low, full = dataset.volume(pid, "low"), dataset.volume(pid, "full")
+        out.extend(rmse_hu(a, b) for a, b in zip(low, full))
     if not out:
         raise DatasetError(f"split {split!r} of {dataset.root} is empty")
     return np.asarray(out)

@@ -31,7 +31,11 @@ class Stage:
     per_denoiser: bool = False
 
 
-STAGES: tuple[Stage, ...] = (Stage("data", "00_data.ipynb"),)
+STAGES: tuple[Stage, ...] = (
+    Stage("data", "00_data.ipynb"),
+    Stage("denoiser", "01_denoiser.ipynb", per_denoiser=True),
+    Stage("table1", "01b_table1_figure3.ipynb"),
+)
 
 
 @dataclass(frozen=True)
@@ -56,8 +60,9 @@ def _file_sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def plan(profile: str, data_root: str | None, only: str | None, start: str | None) -> list[Job]:
-    """The jobs of a run, in order."""
+def plan(profile: str, data_root: str | None, only: str | None, start: str | None,
+         denoisers: list[str]) -> list[Job]:
+    """The jobs of a run, in order (per-denoiser stages once for each of ``denoisers``)."""
     names = [s.name for s in STAGES]
     for flag, value in (("--only", only), ("--from", start)):
         if value is not None and value not in names:
@@ -68,7 +73,13 @@ def plan(profile: str, data_root: str | None, only: str | None, start: str | Non
     if only:
         stages = [s for s in stages if s.name == only]
     params = {"profile": profile, "data_root": data_root or ""}
-    return [Job(s, None, dict(params)) for s in stages]
+    jobs = []
+    for s in stages:
+        if s.per_denoiser:
+            jobs += [Job(s, d, {**params, "denoiser": d}) for d in denoisers]
+        else:
+            jobs.append(Job(s, None, dict(params)))
+    return jobs
 
 
 def job_stamp(job: Job, params_dump: dict[str, Any], upstream: list[str]) -> str:
@@ -87,6 +98,8 @@ def run(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="rerun stages even if up to date")
     ap.add_argument("--only", metavar="STAGE", help="run only this stage")
     ap.add_argument("--from", dest="start", metavar="STAGE", help="start at this stage")
+    ap.add_argument("--denoisers", metavar="A,B", help="comma-separated subset of the profile's "
+                    "denoisers (default: all of params denoisers.methods)")
     ap.add_argument("--dry-run", action="store_true", help="list what would run, run nothing")
     args = ap.parse_args(argv)
 
@@ -99,7 +112,17 @@ def run(argv: list[str] | None = None) -> int:
     if args.data and not Path(args.data).expanduser().is_dir():
         print(f"error: --data {args.data}: no such folder", file=sys.stderr)
         return 2
-    jobs = plan(args.profile, args.data, args.only, args.start)
+    denoisers = list(params.denoisers.methods)
+    if args.denoisers:
+        asked = [d.strip() for d in args.denoisers.split(",") if d.strip()]
+        unknown = [d for d in asked if d not in denoisers]
+        if unknown:
+            print(f"error: --denoisers {','.join(unknown)}: not in the profile's denoisers "
+                  f"({', '.join(denoisers)}; see denoisers.methods in {params.source_file})",
+                  file=sys.stderr)
+            return 2
+        denoisers = asked
+    jobs = plan(args.profile, args.data, args.only, args.start, denoisers)
     out_dir = ensure(run_dir(params.profile) / "notebooks")
     params_dump = params.model_dump(mode="json")
     stamps: list[str] = []
