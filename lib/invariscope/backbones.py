@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .statedict import describe_mismatch
+
 __all__ = [
     "TORCHVISION_FILES",
     "VGGFeatures",
@@ -254,23 +256,10 @@ def load_imagenet_weights(
     state = {k: v for k, v in state.items() if not (ignored and k.startswith(ignored))}
     own = module.state_dict()
     if strict:
-        missing = [k for k in own if k not in state]
-        unexpected = [k for k in state if k not in own]
-        shapes = [
-            f"{k}: file {tuple(state[k].shape)} vs module {tuple(own[k].shape)}"
-            for k in own
-            if k in state and tuple(state[k].shape) != tuple(own[k].shape)
-        ]
-        if missing or unexpected or shapes:
-            parts = []
-            if missing:
-                parts.append(f"missing keys (first 5 of {len(missing)}): {missing[:5]}")
-            if unexpected:
-                parts.append(f"unexpected keys (first 5 of {len(unexpected)}): {unexpected[:5]}")
-            if shapes:
-                parts.append(f"shape mismatches (first 5 of {len(shapes)}): {shapes[:5]}")
+        problem = describe_mismatch(own, state)
+        if problem:
             raise RuntimeError(
-                f"ImageNet weights {path!r} do not match {type(module).__name__}: " + "; ".join(parts)
+                f"ImageNet weights {path!r} do not match {type(module).__name__}: {problem}"
             )
         module.load_state_dict(state, strict=True)
     else:

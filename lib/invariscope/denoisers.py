@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .statedict import describe_mismatch
+
 __all__ = [
     "CNN10",
     "REDCNN",
@@ -456,25 +458,9 @@ def load_ldctbench_checkpoint(model: nn.Module, path: str | os.PathLike[str]) ->
         raise RuntimeError(
             f"{path!r} is not an ldct-benchmark checkpoint: no 'model_state_dict' (found {keys})"
         )
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys (first 5 of {len(missing)}): {missing[:5]}")
-        if unexpected:
-            parts.append(f"unexpected keys (first 5 of {len(unexpected)}): {unexpected[:5]}")
-        if shapes:
-            parts.append(f"shape mismatches (first 5 of {len(shapes)}): {shapes[:5]}")
-        raise RuntimeError(
-            f"checkpoint {path!r} does not match {type(model).__name__}: " + "; ".join(parts)
-        )
+    problem = describe_mismatch(model.state_dict(), state)
+    if problem:
+        raise RuntimeError(f"checkpoint {path!r} does not match {type(model).__name__}: {problem}")
     model.load_state_dict(state, strict=True)
     return model
 
