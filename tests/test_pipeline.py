@@ -79,3 +79,14 @@ def test_papermill_prepare_only(stage, profile, tmp_path):
     nb = json.loads(out.read_text())
     injected = [c for c in nb["cells"] if "injected-parameters" in c["metadata"].get("tags", [])]
     assert injected and f'profile = "{profile}"' in "".join(injected[0]["source"])
+
+
+@pytest.mark.parametrize("stage", pipeline.STAGES, ids=lambda s: s.name)
+def test_papermill_parses_every_parameter(stage):
+    """A comment papermill cannot parse would silently drop the parameter from its inspection."""
+    from papermill.translators import PythonTranslator
+
+    nb = nbformat.read(repo_root() / "notebooks" / stage.notebook, as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    assigned = [ln.split("=")[0].strip() for ln in cell.source.splitlines() if "=" in ln]
+    assert [p.name for p in PythonTranslator.inspect(cell)] == assigned

@@ -157,6 +157,145 @@ class DenoisersParams(_Section):
     dugan: DUGANTrainParams
 
 
+class VAELossWeightParams(_Section):
+    """Generator loss weights (paper: L1 0.0011852, KL 0.57504, perceptual 0.12102, adversarial 1).
+
+    The L1 weight multiplies the per-sample pixel sum at 128x128 (the authors' reduction); other
+    crop sizes keep the same balance (:class:`invariscope.vae.VAELossWeights`, ``scaled_mean``).
+    """
+
+    l1: float = Field(ge=0, description="weight of the L1 reconstruction term")
+    kl: float = Field(ge=0, description="weight of the KL term (nats per image)")
+    perceptual: float = Field(ge=0, description="weight of the VGG16 perceptual L1 term")
+    adversarial: float = Field(ge=0, description="weight of the WGAN generator term -critic(x_rec)")
+
+
+class VAEParams(_Section):
+    """(Conditional) VAE on [x, ŷ] and its WGAN-GP critic: architecture, losses, optimisation.
+
+    The same section configures every cVAE (one per denoiser) and the unconditional VAE (the same
+    model without ŷ). Architecture fields map onto :class:`invariscope.vae.VAEConfig`.
+    """
+
+    encoder: Literal["resnet50", "resnet-small"] = Field(
+        description="ResNet-50 (paper, ImageNet-loadable) or a narrower ResNet of the same layout")
+    encoder_width: int = Field(64, ge=1, description="stem width (resnet-small only; resnet50: 64)")
+    encoder_layers: tuple[int, int, int, int] = Field(
+        (1, 1, 1, 1), description="bottleneck blocks per stage (resnet-small only)")
+    conv1_init: Literal["rgb_split", "random"] = Field(
+        "random", description="first conv with ImageNet weights: 'random' (the authors: a new conv "
+        "for [x, ŷ]) or 'rgb_split' (pretrained RGB filters summed and split over the inputs)")
+    imagenet_weights: str | None = Field(
+        None, description="torchvision resnet50-0676ba61.pth for the encoder (relative to the repo "
+        "root or absolute); null = random initialisation (resnet-small is always random)")
+    latent_dim: int = Field(ge=2, description="latent size (paper 256)")
+    decoder_channels: int = Field(ge=1, description="BigGAN channel base (paper 96)")
+    attention_resolution: int | None = Field(
+        description="feature-map size of the decoder's self-attention (paper 64; null = none)")
+    z_chunk: int = Field(20, ge=1, description="latent dims per decoder up-block (paper 20)")
+    z_embed_classes: int = Field(1000, ge=0, description="shared z embedding classes (paper 1000; 0 = off)")
+    z_embed_dim: int = Field(128, ge=1, description="shared z embedding size (paper 128)")
+    critic_width: int = Field(ge=1, description="critic channels after the first conv (paper 64)")
+    critic_max_width: int = Field(512, ge=1, description="critic channel cap (paper 512)")
+    vgg16_weights: str | None = Field(
+        None, description="torchvision vgg16-397923af.pth for the perceptual loss (relative to the "
+        "repo root or absolute); null = a fixed random VGG16 (seeded; not the paper's loss)")
+    crop_size: int = Field(ge=8, le=1024, description="square training crops, a power of two (paper 128)")
+    batch_size: int = Field(ge=1, description="crops per step (paper 64)")
+    iterations: int = Field(ge=1, description="generator steps (paper about 75,600)")
+    lr: float = Field(gt=0, description="Adam learning rate of encoder and decoder (paper 1e-5)")
+    critic_lr: float = Field(gt=0, description="Adam learning rate of the critic (paper 4e-5)")
+    beta1: float = Field(0.5, ge=0, lt=1, description="Adam beta1 (paper 0.5)")
+    beta2: float = Field(0.999, ge=0, lt=1, description="Adam beta2 (paper 0.999)")
+    weights: VAELossWeightParams
+    critic_steps: int = Field(1, ge=1, description="critic updates per generator update (paper 1)")
+    gp_weight: float = Field(10.0, ge=0, description="WGAN-GP weight (paper 10)")
+    perceptual_every: int = Field(
+        1, ge=1, description="compute the perceptual term on every k-th generator step only "
+        "(1 = every step, as the paper; >1 saves VGG16 time on a CPU)")
+    free_bits: float = Field(
+        0.0, ge=0, description="KL floor per latent dim in nats (batch mean); 0 = plain KL as the "
+        "paper. Not a paper setting: an anti-collapse option for short CPU runs")
+    checkpoint_every: int = Field(ge=1, description="steps between last.pt checkpoints")
+    validate_every: int = Field(ge=1, description="steps between validations (best.pt by L1 in HU)")
+    n_val_crops: int = Field(ge=1, description="fixed validation crops (reconstruction MAE in HU)")
+    n_test_crops: int = Field(ge=2, description="fixed test crops of the reconstruction report")
+
+    @model_validator(mode="after")
+    def _check_architecture(self) -> "VAEParams":
+        self.config(conditional=True)  # raises ValueError for a bad combination
+        if self.imagenet_weights is not None and self.encoder != "resnet50":
+            raise ValueError("imagenet_weights needs encoder: resnet50 (resnet-small has no "
+                             "ImageNet weights); set it to null")
+        return self
+
+    def config(self, conditional: bool) -> Any:
+        """The :class:`invariscope.vae.VAEConfig` of this section."""
+        from .vae import VAEConfig
+
+        return VAEConfig(
+            conditional=conditional, latent_dim=self.latent_dim, crop_size=self.crop_size,
+            encoder=self.encoder, encoder_width=self.encoder_width,
+            encoder_layers=self.encoder_layers, conv1_init=self.conv1_init,
+            decoder_channels=self.decoder_channels, attention_resolution=self.attention_resolution,
+            z_chunk=self.z_chunk, z_embed_classes=self.z_embed_classes, z_embed_dim=self.z_embed_dim,
+            critic_width=self.critic_width, critic_max_width=self.critic_max_width,
+        )
+
+
+class CINNParams(_Section):
+    """cINN t(z | ŷ) on the cVAE latents (paper Sec. 2.3.2, Supp. A.3; :mod:`invariscope.cinn`).
+
+    Latent size and condition size come from the ``vae`` section (``latent_dim``, ``crop_size``).
+    Paper: 12 blocks, subnet width 1024 with 2 hidden layers, embedder base 64 to a 256-d
+    condition, clamp 1, LeakyReLU slope 0.9, Adam lr 1e-5, batch 128, about 47,000 steps.
+    """
+
+    n_blocks: int = Field(ge=1, description="flow blocks ActNorm-LeakyReLU-coupling-permute (paper 12)")
+    hidden: int = Field(ge=1, description="width of the coupling subnets (paper 1024)")
+    hidden_depth: int = Field(ge=0, description="hidden-to-hidden layers per subnet (paper 2)")
+    base_channels: int = Field(ge=1, description="condition embedder's first conv width (paper 64)")
+    cond_dim: int = Field(ge=1, description="size of the condition embedding of ŷ (paper 256)")
+    n_down: int = Field(4, ge=1, le=7, description="stride-2 convs of the embedder (paper 4); "
+                        "vae.crop_size must be divisible by 2**n_down")
+    clamp: float = Field(1.0, gt=0, description="soft clamp of the coupling scale, clamp*tanh (paper 1)")
+    leaky_slope: float = Field(0.9, gt=0, le=1, description="invertible LeakyReLU slope (paper 0.9)")
+    coupling: Literal["rnvp", "glow"] = Field(
+        "rnvp", description="'rnvp': double affine coupling with four subnets (the authors'); "
+        "'glow': one subnet per half for scale and shift (about half the parameters)")
+    lr: float = Field(gt=0, description="Adam learning rate of flow and embedder (paper 1e-5)")
+    beta1: float = Field(0.9, ge=0, lt=1, description="Adam beta1")
+    beta2: float = Field(0.999, ge=0, lt=1, description="Adam beta2")
+    grad_clip: float | None = Field(
+        None, gt=0, description="clip the gradient norm to this value (null = no clipping, as "
+        "the paper)")
+    batch_size: int = Field(ge=2, description="latents per step (paper 128)")
+    iterations: int = Field(ge=1, description="optimizer steps (paper about 47,000)")
+    checkpoint_every: int = Field(ge=1, description="steps between last.pt checkpoints")
+    validate_every: int = Field(ge=1, description="steps between validations (best.pt by val NLL)")
+    n_val_crops: int = Field(ge=2, description="fixed validation crops of the NLL that picks best.pt")
+
+
+class InvariancesParams(_Section):
+    """Sampling invariances x̃ = D(t⁻¹(v | ŷ), ŷ), v ~ N(0, I) (paper Sec. 2.3.3).
+
+    Paper: 1000 random 128x128 test crops x 100 invariances per denoiser (crop size: ``vae``).
+    """
+
+    n_crops: int = Field(ge=1, description="random test crops per denoiser (paper 1000)")
+    n_invariances: int = Field(ge=2, description="invariances per crop (paper 100)")
+    batch_size: int = Field(ge=1, description="invariances decoded per forward pass")
+    chunk_crops: int = Field(16, ge=1, description="crops per resumable chunk file")
+    seed: int = Field(0, description="seed of the crops and of v")
+    figure_crop: int = Field(0, ge=0, description="index of the crop shown in Figure 5")
+
+    @model_validator(mode="after")
+    def _check_crop(self) -> "InvariancesParams":
+        if self.figure_crop >= self.n_crops:
+            raise ValueError(f"figure_crop {self.figure_crop} must be < n_crops {self.n_crops}")
+        return self
+
+
 class Params(_Section):
     """All parameters of one profile."""
 
@@ -164,6 +303,17 @@ class Params(_Section):
     data: DataParams
     loader: LoaderParams
     denoisers: DenoisersParams
+    vae: VAEParams
+    cinn: CINNParams
+    invariances: InvariancesParams
+
+    @model_validator(mode="after")
+    def _check_cinn_vs_vae(self) -> "Params":
+        size = self.vae.crop_size
+        if size % 2**self.cinn.n_down:
+            raise ValueError(f"cinn.n_down {self.cinn.n_down}: vae.crop_size {size} must be divisible "
+                             f"by 2**n_down = {2**self.cinn.n_down}")
+        return self
 
     # Filled in by load_params, not by the YAML file.
     profile: str = Field("", exclude=True)

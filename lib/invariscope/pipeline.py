@@ -24,17 +24,27 @@ from .paths import ensure, figures_dir, repo_root, run_dir
 
 @dataclass(frozen=True)
 class Stage:
-    """One pipeline stage: a notebook, run once or once per denoiser."""
+    """One pipeline stage: a notebook, run once or once per denoiser.
+
+    ``extra_runs``: further values of the notebook's ``denoiser`` parameter that a per-denoiser
+    stage also runs, before the denoisers (e.g. ``"unconditional"`` for the VAE stage).
+    """
 
     name: str
     notebook: str
     per_denoiser: bool = False
+    extra_runs: tuple[str, ...] = ()
 
 
 STAGES: tuple[Stage, ...] = (
     Stage("data", "00_data.ipynb"),
     Stage("denoiser", "01_denoiser.ipynb", per_denoiser=True),
     Stage("table1", "01b_table1_figure3.ipynb"),
+    Stage("vae", "02_vae.ipynb", per_denoiser=True, extra_runs=("unconditional",)),
+    Stage("figure4", "02b_figure4.ipynb"),
+    Stage("cinn", "03_cinn.ipynb", per_denoiser=True),
+    Stage("invariances", "04_invariances.ipynb", per_denoiser=True),
+    Stage("figure5", "04b_figure5_controls.ipynb"),
 )
 
 
@@ -62,7 +72,8 @@ def _file_sha(path: Path) -> str:
 
 def plan(profile: str, data_root: str | None, only: str | None, start: str | None,
          denoisers: list[str]) -> list[Job]:
-    """The jobs of a run, in order (per-denoiser stages once for each of ``denoisers``)."""
+    """The jobs of a run, in order (per-denoiser stages once for each of their ``extra_runs``,
+    then once for each of ``denoisers``)."""
     names = [s.name for s in STAGES]
     for flag, value in (("--only", only), ("--from", start)):
         if value is not None and value not in names:
@@ -76,7 +87,8 @@ def plan(profile: str, data_root: str | None, only: str | None, start: str | Non
     jobs = []
     for s in stages:
         if s.per_denoiser:
-            jobs += [Job(s, d, {**params, "denoiser": d}) for d in denoisers]
+            runs = list(s.extra_runs) + [d for d in denoisers if d not in s.extra_runs]
+            jobs += [Job(s, d, {**params, "denoiser": d}) for d in runs]
         else:
             jobs.append(Job(s, None, dict(params)))
     return jobs

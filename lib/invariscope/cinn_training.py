@@ -1,0 +1,315 @@
+"""Training of the cINN t(z | ŷ) of one denoiser on latents of its frozen conditional VAE.
+
+Paper Sec. 2.3.2 / Eq. 5–6 and the authors' trainer: per step
+
+1. draw a batch of low-dose training crops x (patient-weighted,
+   :class:`~invariscope.training.BatchStream`, the cVAE's crop size);
+2. ŷ = f(x) with the frozen, eval-mode denoiser, and z ~ q(z | x, ŷ) (reparameterised sample of
+   the frozen, eval-mode conditional encoder); no gradient reaches f or the VAE;
+3. one Adam step on the cINN's exact negative log-likelihood
+   ``mean(½‖t(z | ŷ)‖²) − mean(log|det J|)`` (nats per sample,
+   :meth:`invariscope.cinn.ConditionalINN.nll_loss`); the condition embedder of ŷ is trained
+   jointly with the flow.
+
+Every ActNorm layer (flow and embedder) is data-initialized on the latents of the first batch
+(step 0) before its first update; a resumed run loads them from the checkpoint instead.
+
+Validation: the same NLL on ``cinn.n_val_crops`` fixed validation crops, each with one fixed draw
+of z (lower is better) -> ``best.pt``. Checkpoints: ``<out_dir>/<denoiser>/{last,best}.pt`` via
+:func:`invariscope.training.train` (resume, NaN guard). The configuration fingerprint covers the
+``cinn`` section (without ``iterations``), the seed, the data set, the denoiser and the identity
+of the cVAE checkpoint the latents come from (its fingerprint and the file's hash; the VAE's
+fingerprint in turn covers the denoiser's checkpoint), so a cINN is never silently reused with
+another VAE or denoiser.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .cinn import ConditionalINN
+from .dataset import CTDataset
+from .params import Params, digest
+from .paths import run_dir
+from .training import BatchStream, CheckpointMismatchError, load_best, train
+
+__all__ = [
+    "TrainedCINN",
+    "cinn_name",
+    "build_cinn",
+    "vae_identity",
+    "fingerprint",
+    "checkpoint_identity",
+    "encode_latents",
+    "train_cinn",
+    "load_cinn",
+    "load_models",
+]
+
+
+@dataclass
+class TrainedCINN:
+    """A cINN after :func:`train_cinn` (``model`` holds the best checkpoint, eval mode).
+
+    ``seconds_per_step``: wall time per step of this call (None when nothing was trained).
+    """
+
+    name: str
+    model: ConditionalINN
+    vae: nn.Module
+    denoiser: nn.Module
+    best_step: int | None
+    best_val_nll: float | None
+    steps: int
+    seconds: float
+    seconds_per_step: float | None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------
+def cinn_name(denoiser: str) -> str:
+    """Folder name of a denoiser's cINN (the denoiser key; there is no unconditional cINN)."""
+    from .denoiser_training import METHODS
+
+    key = str(denoiser).lower()
+    if key not in METHODS:
+        raise ValueError(f"unknown denoiser {denoiser!r}; allowed values: {', '.join(METHODS)}")
+    return key
+
+
+def _vae_dir(params: Params, vae_dir: str | Path | None) -> Path:
+    return Path(vae_dir) if vae_dir is not None else run_dir(params.profile) / "vae"
+
+
+def _denoiser_dir(params: Params, denoiser_dir: str | Path | None) -> Path:
+    return Path(denoiser_dir) if denoiser_dir is not None else run_dir(params.profile) / "denoisers"
+
+
+def _file_sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _checkpoint_file(folder: Path) -> Path:
+    """The file :func:`invariscope.training.load_best` reads: best.pt, else last.pt."""
+    return folder / "best.pt" if (folder / "best.pt").is_file() else folder / "last.pt"
+
+
+def build_cinn(params: Params) -> ConditionalINN:
+    """The profile's cINN (latent size and condition size from the ``vae`` section), seeded."""
+    c = params.cinn
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(params.seed)
+        return ConditionalINN(latent_dim=params.vae.latent_dim, cond_size=params.vae.crop_size,
+                              cond_channels=1, cond_dim=c.cond_dim, base_channels=c.base_channels,
+                              n_down=c.n_down, n_blocks=c.n_blocks, hidden=c.hidden,
+                              hidden_depth=c.hidden_depth, clamp=c.clamp,
+                              leaky_slope=c.leaky_slope, coupling=c.coupling)
+
+
+def vae_identity(denoiser: str, params: Params, dataset: CTDataset, vae_dir: str | Path | None = None,
+                 denoiser_dir: str | Path | None = None) -> str:
+    """``<VAE fingerprint>:<sha256 of the cVAE checkpoint load_vae reads>`` of a denoiser's cVAE."""
+    from .vae_training import fingerprint as vae_fingerprint
+
+    name = cinn_name(denoiser)
+    folder = _vae_dir(params, vae_dir) / name
+    path = _checkpoint_file(folder)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint of the cVAE of {name} in {folder}: train it first "
+                                "(02_vae.ipynb, ./run_all.sh --only vae)")
+    fp = vae_fingerprint(name, params, dataset, _denoiser_dir(params, denoiser_dir))
+    return f"{fp}:{_file_sha(path)}"
+
+
+def fingerprint(denoiser: str, params: Params, dataset: CTDataset, vae_dir: str | Path | None = None,
+                denoiser_dir: str | Path | None = None) -> str:
+    """Configuration key of a cINN's checkpoints: the ``cinn`` section (without ``iterations``),
+    the seed, the data set, the denoiser and the identity of its cVAE checkpoint."""
+    from .denoiser_training import dataset_key
+
+    name = cinn_name(denoiser)
+    payload = {"cinn": params.cinn.model_dump(mode="json", exclude={"iterations"}),
+               "latent_dim": params.vae.latent_dim, "crop_size": params.vae.crop_size,
+               "seed": params.seed, "dataset": dataset_key(dataset), "denoiser": name,
+               "vae_identity": vae_identity(name, params, dataset, vae_dir, denoiser_dir)}
+    return f"cinn-{name}-{digest(payload)}"
+
+
+def checkpoint_identity(denoiser: str, params: Params, dataset: CTDataset,
+                        out_dir: str | Path | None = None, vae_dir: str | Path | None = None,
+                        denoiser_dir: str | Path | None = None) -> str:
+    """``<cINN fingerprint>:<sha256 of the checkpoint load_cinn reads>``: what sampled invariances
+    depend on (cache key of :func:`invariscope.invariances.sample_invariances_cached`)."""
+    name = cinn_name(denoiser)
+    folder = (Path(out_dir) if out_dir is not None else run_dir(params.profile) / "cinn") / name
+    path = _checkpoint_file(folder)
+    if not path.is_file():
+        raise FileNotFoundError(f"no cINN checkpoint of {name} in {folder}: train it first "
+                                "(03_cinn.ipynb, ./run_all.sh --only cinn)")
+    return f"{fingerprint(name, params, dataset, vae_dir, denoiser_dir)}:{_file_sha(path)}"
+
+
+# --------------------------------------------------------------------------------------
+# Latents
+# --------------------------------------------------------------------------------------
+@torch.no_grad()
+def encode_latents(vae: nn.Module, denoiser: nn.Module, x: torch.Tensor,
+                   generator: torch.Generator | None = None,
+                   batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(z, ŷ)`` for normalized crops x ``(B, 1, c, c)``: ŷ = f(x), z ~ q(z | x, ŷ).
+
+    The reparameterisation noise comes from ``generator`` (None: the global torch RNG, as
+    :meth:`ConditionalVAE.reparameterize`). Both networks should be in eval mode.
+    """
+    zs, ys = [], []
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size]
+        y_hat = denoiser(xb)
+        mu, logvar = vae.encode(xb, y_hat)
+        if generator is None:
+            z = vae.reparameterize(mu, logvar)
+        else:
+            eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
+            z = mu + torch.exp(0.5 * logvar) * eps
+        zs.append(z)
+        ys.append(y_hat)
+    return torch.cat(zs), torch.cat(ys)
+
+
+def _frozen(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module.eval()
+
+
+def load_models(denoiser: str, params: Params, dataset: CTDataset, vae_dir: str | Path | None = None,
+                denoiser_dir: str | Path | None = None) -> tuple[nn.Module, nn.Module]:
+    """The frozen, eval-mode ``(denoiser, cVAE)`` a denoiser's cINN is trained on / samples with."""
+    from .vae_training import get_denoiser, load_vae
+
+    name = cinn_name(denoiser)
+    den_dir = _denoiser_dir(params, denoiser_dir)
+    den = get_denoiser(name, params, dataset, den_dir)
+    vae = load_vae(name, params, dataset, _vae_dir(params, vae_dir), den_dir)
+    return _frozen(den), _frozen(vae)
+
+
+# --------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------
+def _refuse_longer_run(last: Path, fp: str, iterations: int, name: str) -> None:
+    if not last.is_file():
+        return
+    try:
+        ckpt = torch.load(last, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:  # noqa: BLE001 - train() reports unreadable checkpoints
+        return
+    step = int(ckpt.get("step", 0))
+    if ckpt.get("fingerprint") == fp and step > iterations:
+        raise CheckpointMismatchError(
+            f"checkpoint {last} holds {step} training steps of the cINN of {name}, more than the "
+            f"{iterations} iterations asked for: rerun with force=True (run_all.sh --force) to "
+            "retrain, or raise cinn.iterations."
+        )
+
+
+def _validation_latents(vae: nn.Module, den: nn.Module, params: Params,
+                        dataset: CTDataset) -> tuple[torch.Tensor, torch.Tensor]:
+    from .loader import CropDataset, fixed_crops
+
+    size = params.vae.crop_size
+    specs = fixed_crops(dataset, "val", size, params.cinn.n_val_crops, params.seed)
+    crops = CropDataset(dataset, "val", size, specs)
+    x = torch.stack([crops[i][0] for i in range(len(specs))])
+    gen = torch.Generator().manual_seed(params.seed)
+    return encode_latents(vae, den, x, generator=gen)
+
+
+def train_cinn(denoiser: str, params: Params, dataset: CTDataset, out_dir: str | Path,
+               force: bool = False, progress: bool = True, vae_dir: str | Path | None = None,
+               denoiser_dir: str | Path | None = None) -> TrainedCINN:
+    """Train (or resume, or reuse) the cINN of ``denoiser``; checkpoints in ``out_dir/<denoiser>/``.
+
+    The cVAE is read from ``vae_dir/<denoiser>/`` (default ``runs/<profile>/vae``), the denoiser
+    from ``denoiser_dir/<denoiser>/`` (default ``runs/<profile>/denoisers``; ``gaussri`` needs
+    none). ``force=True`` deletes the cINN's ``last.pt``/``best.pt`` first. A checkpoint of
+    another configuration (cinn params, seed, data set, cVAE or denoiser checkpoint) raises
+    :class:`~invariscope.training.CheckpointMismatchError`; a NaN loss raises
+    :class:`~invariscope.training.NonFiniteLossError` keeping the last good checkpoint. Returns
+    the best checkpoint (lowest validation NLL) in eval mode.
+    """
+    name = cinn_name(denoiser)
+    cfg = params.cinn
+    ckpt_dir = Path(out_dir) / name
+    if force:
+        for f in ("last.pt", "best.pt"):
+            (ckpt_dir / f).unlink(missing_ok=True)
+    t0 = time.time()
+    fp = fingerprint(name, params, dataset, vae_dir, denoiser_dir)  # names a missing cVAE
+    den, vae = load_models(name, params, dataset, vae_dir, denoiser_dir)
+    _refuse_longer_run(ckpt_dir / "last.pt", fp, cfg.iterations, name)
+    model = build_cinn(params)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+    def step_fn(step: int, batch: Any) -> dict[str, float]:
+        z, y_hat = encode_latents(vae, den, batch[0])
+        if not model.is_initialized:  # a fresh run: fit every ActNorm to the first batch
+            model.initialize(z, y_hat)
+        loss = model.nll_loss(z, y_hat)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        return {"nll": loss.item(), "nll_dim": loss.item() / model.latent_dim}
+
+    z_val, y_val = _validation_latents(vae, den, params, dataset)
+
+    def validate() -> float:
+        total = 0.0
+        for i in range(0, len(z_val), 256):
+            n = len(z_val[i:i + 256])
+            total += float(model.nll_loss(z_val[i:i + 256], y_val[i:i + 256])) * n
+        return total / len(z_val)
+
+    stream = BatchStream(dataset, params.vae.crop_size, cfg.batch_size, seed=params.seed,
+                         num_workers=params.loader.num_workers)
+    result = train(step_fn, stream.iterate_from, cfg.iterations, ckpt_dir, {"cinn": model},
+                   {"cinn": opt}, fp, seed=params.seed, checkpoint_every=cfg.checkpoint_every,
+                   validate_fn=validate, validate_every=cfg.validate_every,
+                   higher_is_better=False, desc=f"cINN {name}", progress=progress)
+    best_step = load_best(ckpt_dir, {"cinn": model}, fp)
+    model.eval()
+    trained_steps = result.steps - result.resumed_from
+    per_step = result.seconds / trained_steps if trained_steps > 0 and result.seconds > 0 else None
+    return TrainedCINN(name, model, vae, den, result.best_step or best_step, result.best_metric,
+                       result.steps, time.time() - t0, per_step, result.history)
+
+
+def load_cinn(denoiser: str, params: Params, dataset: CTDataset, out_dir: str | Path,
+              vae_dir: str | Path | None = None,
+              denoiser_dir: str | Path | None = None) -> ConditionalINN:
+    """The best checkpoint of a trained cINN in eval mode (see :func:`train_cinn`).
+
+    Raises :class:`FileNotFoundError` when it was not trained yet and
+    :class:`~invariscope.training.CheckpointMismatchError` when its checkpoint belongs to another
+    configuration, another cVAE checkpoint or another denoiser checkpoint.
+    """
+    name = cinn_name(denoiser)
+    model = build_cinn(params)
+    load_best(Path(out_dir) / name, {"cinn": model},
+              fingerprint(name, params, dataset, vae_dir, denoiser_dir))
+    return model.eval()

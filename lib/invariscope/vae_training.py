@@ -1,0 +1,497 @@
+"""Training and evaluation of the conditional VAEs (one per denoiser) and the unconditional VAE.
+
+Paper Sec. 2.3.1 / Eq. 4 and the authors' trainer: per step
+
+1. draw a batch of low-dose crops x (patient-weighted, :class:`~invariscope.training.BatchStream`)
+   and, for a cVAE, compute ŷ = f(x) with the frozen, eval-mode denoiser (no gradient);
+2. encode and decode once: x_rec = D(z, ŷ) with z ~ q(z | x, ŷ) (reparameterised);
+3. ``critic_steps`` WGAN-GP critic updates on [x, ŷ] (real) against [x_rec, ŷ] (fresh fakes of the
+   current VAE, detached);
+4. one encoder/decoder update with ``w_l1 * L1 + w_kl * KL + w_perc * VGG16 + w_adv * (-critic)``
+   (:func:`invariscope.vae.vae_loss_terms`) while the critic is frozen.
+
+Steps 3 and 4 share the forward pass of step 2 (the VAE does not change in between, so the
+critic sees exactly the fakes a separate forward pass would give for the same z; with
+``critic_steps > 1`` every critic update uses these same fakes).
+``perceptual_every = k > 1`` adds the perceptual term on every k-th step only (CPU profiles);
+``free_bits > 0`` replaces the KL by ``sum_d max(free_bits, mean_batch KL_d)`` (not in the paper).
+
+Validation: mean |D(mu, ŷ) - x| in HU on ``n_val_crops`` fixed validation crops, reconstructed
+from the posterior mean (lower is better) -> ``best.pt``. Checkpoints:
+``<out_dir>/<denoiser | "unconditional">/{last,best}.pt`` via :func:`invariscope.training.train`
+(resume, NaN guard). The configuration fingerprint covers the ``vae`` section, the seed, the data
+set, the denoiser's name and the identity of its checkpoint (the file's hash), so a VAE is never
+silently reused with another denoiser.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from . import atomic, plotting
+from .dataset import CTDataset
+from .loader import CropDataset, CropSpec, Normalizer, fixed_crops
+from .metrics import ssim_lung
+from .params import Params, digest
+from .paths import repo_root, run_dir
+from .training import BatchStream, CheckpointMismatchError, load_best, train
+from .vae import (ConditionalVAE, Critic, VAELossWeights, active_dimensions, build_perceptual_loss,
+                  critic_loss_terms, kl_divergence, vae_loss_terms)
+
+__all__ = [
+    "UNCONDITIONAL",
+    "REPORT_COLUMNS",
+    "TrainedVAE",
+    "vae_name",
+    "train_vae",
+    "load_vae",
+    "build_vae",
+    "get_denoiser",
+    "fingerprint",
+    "denoiser_identity",
+    "resolve_weights",
+    "free_bits_kl",
+    "reconstruct",
+    "reconstruct_hu",
+    "reconstruction_report",
+    "write_report",
+    "read_report",
+    "reconstruction_table",
+    "figure4_crops",
+    "figure4",
+]
+
+UNCONDITIONAL = "unconditional"
+#: Columns of ``figures/<profile>/vae_reconstruction.csv``.
+REPORT_COLUMNS = ("vae", "mae_hu", "ssim", "kl_nats", "active_dims", "latent_dims")
+
+
+@dataclass
+class TrainedVAE:
+    """A VAE after :func:`train_vae` (``model`` holds the best checkpoint, eval mode).
+
+    ``denoiser``: the frozen denoiser that makes ŷ (None for the unconditional VAE).
+    """
+
+    name: str
+    model: ConditionalVAE
+    denoiser: nn.Module | None
+    best_step: int | None
+    best_val_mae_hu: float | None
+    steps: int
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+    vgg_pretrained: bool = False
+    encoder_pretrained: bool = False
+
+
+# --------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------
+def vae_name(denoiser: str | None) -> str:
+    """Folder / report name of a VAE: the denoiser key, or ``"unconditional"`` for None."""
+    if denoiser is None or denoiser == UNCONDITIONAL:
+        return UNCONDITIONAL
+    from .denoiser_training import METHODS
+
+    key = denoiser.lower()
+    if key not in METHODS:
+        raise ValueError(f"unknown denoiser {denoiser!r}; allowed values: None / "
+                         f"{UNCONDITIONAL!r}, {', '.join(METHODS)}")
+    return key
+
+
+def resolve_weights(setting: str | None) -> Path | None:
+    """A weights-file setting as a path (relative paths: to the repo root); None stays None.
+
+    Existence is checked where the file is loaded, with a message on how to obtain it.
+    """
+    if setting is None:
+        return None
+    path = Path(setting).expanduser()
+    return path if path.is_absolute() else repo_root() / path
+
+
+def _default_denoiser_dir(params: Params) -> Path:
+    return run_dir(params.profile) / "denoisers"
+
+
+def get_denoiser(denoiser: str | None, params: Params, dataset: CTDataset,
+                 denoiser_dir: str | Path | None = None) -> nn.Module | None:
+    """The frozen, eval-mode denoiser that conditions a cVAE (None for the unconditional VAE)."""
+    name = vae_name(denoiser)
+    if name == UNCONDITIONAL:
+        return None
+    from .denoiser_training import load_denoiser
+
+    model = load_denoiser(name, params, dataset, denoiser_dir or _default_denoiser_dir(params))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def denoiser_identity(denoiser: str | None, params: Params, dataset: CTDataset,
+                      denoiser_dir: str | Path | None = None) -> str:
+    """What a cVAE's ŷ depends on: the denoiser's configuration and its checkpoint's content.
+
+    ``"none"`` (unconditional), ``"gaussri"`` (no checkpoint) or ``<fingerprint>:<sha256 of the
+    checkpoint file load_denoiser reads>`` (best.pt, else last.pt).
+    """
+    name = vae_name(denoiser)
+    if name == UNCONDITIONAL:
+        return "none"
+    if name == "gaussri":
+        return "gaussri"
+    from .denoiser_training import fingerprint as denoiser_fingerprint
+
+    folder = Path(denoiser_dir or _default_denoiser_dir(params)) / name
+    path = folder / "best.pt" if (folder / "best.pt").is_file() else folder / "last.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint of denoiser {name} in {folder}: train it first "
+                                f"(01_denoiser.ipynb, ./run_all.sh --only denoiser)")
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return f"{denoiser_fingerprint(name, params, dataset)}:{sha}"
+
+
+def fingerprint(denoiser: str | None, params: Params, dataset: CTDataset,
+                denoiser_dir: str | Path | None = None) -> str:
+    """Configuration key of a VAE's checkpoints: the ``vae`` section (without ``iterations`` and
+    ``n_test_crops``, which do not change the training), the seed, the data set and the denoiser
+    (name and checkpoint identity)."""
+    from .denoiser_training import dataset_key
+
+    name = vae_name(denoiser)
+    payload = {"vae": params.vae.model_dump(mode="json", exclude={"iterations", "n_test_crops"}),
+               "seed": params.seed, "dataset": dataset_key(dataset), "denoiser": name,
+               "denoiser_identity": denoiser_identity(name, params, dataset, denoiser_dir)}
+    return f"vae-{name}-{digest(payload)}"
+
+
+def build_vae(conditional: bool, params: Params, load_pretrained: bool = True) -> ConditionalVAE:
+    """The (c)VAE of the profile, initialised from the seed (and ImageNet weights if set)."""
+    cfg = params.vae
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(params.seed)
+        model = ConditionalVAE(cfg.config(conditional))
+    if load_pretrained and cfg.imagenet_weights is not None:
+        model.encoder.load_imagenet_weights(resolve_weights(cfg.imagenet_weights),
+                                            params_key="vae.imagenet_weights")
+    return model
+
+
+def _build_critic(conditional: bool, params: Params) -> Critic:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(params.seed + 1)
+        return Critic.from_config(params.vae.config(conditional))
+
+
+# --------------------------------------------------------------------------------------
+# Losses and inference
+# --------------------------------------------------------------------------------------
+def free_bits_kl(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float) -> torch.Tensor:
+    """KL with a floor per latent dimension: ``sum_d max(free_bits, mean_b KL_bd)`` (nats)."""
+    per_dim = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).mean(dim=0)
+    return torch.clamp(per_dim, min=free_bits).sum()
+
+
+@torch.no_grad()
+def _condition(denoiser: nn.Module | None, x: torch.Tensor, batch_size: int = 64) -> torch.Tensor | None:
+    if denoiser is None:
+        return None
+    return torch.cat([denoiser(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+@torch.no_grad()
+def reconstruct(vae: ConditionalVAE, denoiser: nn.Module | None, x: torch.Tensor,
+                batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x_rec, mu, logvar)`` of normalized crops ``(N, 1, c, c)``, decoded from the posterior mean.
+
+    ŷ = denoiser(x) for a cVAE. Runs the VAE in eval mode (restoring its mode afterwards).
+    """
+    was_training = vae.training
+    vae.eval()
+    try:
+        recs, mus, lvs = [], [], []
+        for i in range(0, len(x), batch_size):
+            xb = x[i:i + batch_size]
+            rec, mu, lv = vae(xb, _condition(denoiser, xb), sample=False)
+            recs.append(rec)
+            mus.append(mu)
+            lvs.append(lv)
+    finally:
+        vae.train(was_training)
+    return torch.cat(recs), torch.cat(mus), torch.cat(lvs)
+
+
+def reconstruct_hu(vae: ConditionalVAE, denoiser: nn.Module | None, low_hu: np.ndarray,
+                   normalizer: Normalizer) -> np.ndarray:
+    """Reconstruct low-dose HU crops ``(N, c, c)`` (or one ``(c, c)``); float32 HU out."""
+    arr = np.asarray(low_hu, dtype=np.float32)
+    single = arr.ndim == 2
+    x = torch.from_numpy(np.asarray(normalizer(arr[None] if single else arr), dtype=np.float32))
+    rec = normalizer.to_hu(reconstruct(vae, denoiser, x[:, None])[0][:, 0]).numpy()
+    return rec[0] if single else rec
+
+
+def _crops_tensor(dataset: CTDataset, split: str, crop_size: int, n: int,
+                  seed: int) -> tuple[torch.Tensor, list[CropSpec]]:
+    specs = fixed_crops(dataset, split, crop_size, n, seed)
+    crops = CropDataset(dataset, split, crop_size, specs)
+    return torch.stack([crops[i][0] for i in range(len(specs))]), specs
+
+
+# --------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------
+def _requires_grad(module: nn.Module, flag: bool) -> None:
+    for p in module.parameters():
+        p.requires_grad_(flag)
+
+
+def _refuse_longer_run(last: Path, fp: str, iterations: int, name: str) -> None:
+    if not last.is_file():
+        return
+    try:
+        ckpt = torch.load(last, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:  # noqa: BLE001 - train() reports unreadable checkpoints
+        return
+    step = int(ckpt.get("step", 0))
+    if ckpt.get("fingerprint") == fp and step > iterations:
+        raise CheckpointMismatchError(
+            f"checkpoint {last} holds {step} training steps of the {name} VAE, more than the "
+            f"{iterations} iterations asked for: rerun with force=True (run_all.sh --force) to "
+            "retrain, or raise vae.iterations."
+        )
+
+
+def _make_step(vae: ConditionalVAE, critic: Critic, denoiser: nn.Module | None, params: Params,
+               perceptual: nn.Module) -> tuple[Callable[[int, Any], dict[str, float]],
+                                               dict[str, torch.optim.Optimizer]]:
+    cfg = params.vae
+    opt_g = torch.optim.Adam(vae.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    opt_d = torch.optim.Adam(critic.parameters(), lr=cfg.critic_lr, betas=(cfg.beta1, cfg.beta2))
+    w = cfg.weights
+    weights = VAELossWeights(l1=w.l1, kl=0.0 if cfg.free_bits > 0 else w.kl,
+                             perceptual=w.perceptual, adversarial=w.adversarial)
+
+    def step_fn(step: int, batch: Any) -> dict[str, float]:
+        x = batch[0]
+        y_hat = _condition(denoiser, x)
+        x_rec, mu, logvar = vae(x, y_hat)
+        # critic: WGAN-GP on fresh fakes of the current VAE
+        _requires_grad(critic, True)
+        for _ in range(cfg.critic_steps):
+            d = critic_loss_terms(critic, x, x_rec.detach(), y_hat, gp_weight=cfg.gp_weight)
+            opt_d.zero_grad(set_to_none=True)
+            d["total"].backward()
+            opt_d.step()
+        # encoder + decoder, critic frozen
+        _requires_grad(critic, False)
+        use_perc = w.perceptual > 0 and step % cfg.perceptual_every == 0
+        g = vae_loss_terms(x, x_rec, mu, logvar, y_hat=y_hat, critic=critic if w.adversarial > 0 else None,
+                           perceptual=perceptual if use_perc else None, weights=weights)
+        total = g["total"]
+        if cfg.free_bits > 0:
+            total = total + w.kl * free_bits_kl(mu, logvar, cfg.free_bits)
+        opt_g.zero_grad(set_to_none=True)
+        total.backward()
+        opt_g.step()
+        _requires_grad(critic, True)
+        logs = {"loss": total.item(), "l1": g["l1"].item() / weights.reference_pixels,
+                "kl": g["kl"].item(), "adv": g["adversarial"].item(), "d_w": d["wasserstein"].item(),
+                "gp": d["gp"].item()}
+        if use_perc:
+            logs["perc"] = g["perceptual"].item()
+        return logs
+
+    return step_fn, {"vae": opt_g, "critic": opt_d}
+
+
+def train_vae(denoiser: str | None, params: Params, dataset: CTDataset, out_dir: str | Path,
+              force: bool = False, progress: bool = True,
+              denoiser_dir: str | Path | None = None) -> TrainedVAE:
+    """Train (or resume, or reuse) the cVAE of ``denoiser`` (None / "unconditional": the VAE).
+
+    Checkpoints in ``out_dir/<denoiser | "unconditional">/``; the denoiser's checkpoint is read from
+    ``denoiser_dir/<denoiser>/`` (default ``runs/<profile>/denoisers``; ``gaussri`` needs none).
+    ``force=True`` deletes the VAE's ``last.pt``/``best.pt`` first. A checkpoint of another
+    configuration (vae params, seed, data set, denoiser checkpoint) raises
+    :class:`~invariscope.training.CheckpointMismatchError`; a NaN loss raises
+    :class:`~invariscope.training.NonFiniteLossError` keeping the last good checkpoint. Returns the
+    best checkpoint (lowest validation MAE in HU) in eval mode.
+    """
+    name = vae_name(denoiser)
+    cfg = params.vae
+    ckpt_dir = Path(out_dir) / name
+    if force:
+        for f in ("last.pt", "best.pt"):
+            (ckpt_dir / f).unlink(missing_ok=True)
+    t0 = time.time()
+    den = get_denoiser(name, params, dataset, denoiser_dir)
+    fp = fingerprint(name, params, dataset, denoiser_dir)
+    _refuse_longer_run(ckpt_dir / "last.pt", fp, cfg.iterations, name)
+    conditional = den is not None
+    vae = build_vae(conditional, params)
+    critic = _build_critic(conditional, params)
+    vgg_path = resolve_weights(cfg.vgg16_weights)
+    perceptual = build_perceptual_loss(vgg_path, params_key="vae.vgg16_weights")
+    step_fn, optimizers = _make_step(vae, critic, den, params, perceptual)
+
+    std_hu = Normalizer.of(dataset).std_hu
+    x_val, _ = _crops_tensor(dataset, "val", cfg.crop_size, cfg.n_val_crops, params.seed)
+    y_val = _condition(den, x_val)
+
+    def validate() -> float:
+        was_training = vae.training
+        vae.eval()
+        errs = []
+        for i in range(0, len(x_val), 32):
+            xb = x_val[i:i + 32]
+            rec, _, _ = vae(xb, None if y_val is None else y_val[i:i + 32], sample=False)
+            errs.append((rec - xb).abs().flatten(1).mean(1))
+        vae.train(was_training)
+        return float(torch.cat(errs).mean()) * std_hu
+
+    stream = BatchStream(dataset, cfg.crop_size, cfg.batch_size, seed=params.seed,
+                         num_workers=params.loader.num_workers)
+    modules = {"vae": vae, "critic": critic}
+    result = train(step_fn, stream.iterate_from, cfg.iterations, ckpt_dir, modules, optimizers, fp,
+                   seed=params.seed, checkpoint_every=cfg.checkpoint_every, validate_fn=validate,
+                   validate_every=cfg.validate_every, higher_is_better=False,
+                   desc=f"VAE {name}", progress=progress)
+    best_step = load_best(ckpt_dir, {"vae": vae}, fp)
+    vae.eval()
+    return TrainedVAE(name, vae, den, result.best_step or best_step, result.best_metric,
+                      result.steps, time.time() - t0, result.history,
+                      vgg_pretrained=bool(perceptual.pretrained),
+                      encoder_pretrained=cfg.imagenet_weights is not None)
+
+
+def load_vae(denoiser: str | None, params: Params, dataset: CTDataset, out_dir: str | Path,
+             denoiser_dir: str | Path | None = None) -> ConditionalVAE:
+    """The best checkpoint of a trained (c)VAE in eval mode (see :func:`train_vae`).
+
+    Raises :class:`FileNotFoundError` when it was not trained yet and
+    :class:`~invariscope.training.CheckpointMismatchError` when its checkpoint belongs to another
+    configuration or another denoiser checkpoint.
+    """
+    name = vae_name(denoiser)
+    vae = build_vae(name != UNCONDITIONAL, params, load_pretrained=False)
+    load_best(Path(out_dir) / name, {"vae": vae}, fingerprint(name, params, dataset, denoiser_dir))
+    return vae.eval()
+
+
+# --------------------------------------------------------------------------------------
+# Reconstruction report
+# --------------------------------------------------------------------------------------
+def reconstruction_report(vae: ConditionalVAE, denoiser_model: nn.Module | None, dataset: CTDataset,
+                          params: Params, name: str | None = None) -> dict[str, Any]:
+    """How well a VAE reconstructs its low-dose inputs, on ``vae.n_test_crops`` fixed test crops.
+
+    Reconstruction from the posterior mean (ŷ = denoiser(x) for a cVAE). Keys: ``vae`` (``name``,
+    default ``"unconditional"`` / the denoiser's class name), ``mae_hu`` (mean |x_rec - x| in HU),
+    ``ssim`` (mean lung-window SSIM of x_rec against x, :func:`invariscope.metrics.ssim_lung`),
+    ``kl_nats`` (mean KL(q(z|x[,ŷ]) || N(0, I)) per image), ``active_dims`` (latent dims whose
+    posterior-mean variance over the crops exceeds 0.01) and ``latent_dims``.
+    """
+    if vae.config.conditional != (denoiser_model is not None):
+        raise ValueError("a conditional VAE needs its denoiser, an unconditional one none")
+    if name is None:
+        name = UNCONDITIONAL if denoiser_model is None else type(denoiser_model).__name__.lower()
+    cfg = params.vae
+    norm = Normalizer.of(dataset)
+    x, _ = _crops_tensor(dataset, "test", vae.config.crop_size, cfg.n_test_crops, params.seed)
+    rec, mu, logvar = reconstruct(vae, denoiser_model, x)
+    x_hu = norm.to_hu(x[:, 0]).numpy().astype(np.float64)
+    rec_hu = norm.to_hu(rec[:, 0]).numpy().astype(np.float64)
+    return {
+        "vae": name,
+        "mae_hu": float(np.abs(rec_hu - x_hu).mean()),
+        "ssim": float(np.mean([ssim_lung(r, t) for r, t in zip(rec_hu, x_hu)])),
+        "kl_nats": float(kl_divergence(mu, logvar).mean()),
+        "active_dims": active_dimensions(mu),
+        "latent_dims": int(vae.config.latent_dim),
+    }
+
+
+def write_report(report: Mapping[str, Any], out_dir: str | Path) -> Path:
+    """Write ``<out_dir>/<report["vae"]>/report.json`` atomically; returns the path."""
+    path = Path(out_dir) / str(report["vae"]) / "report.json"
+    atomic.write_json(path, dict(report))
+    return path
+
+
+def read_report(name: str | None, out_dir: str | Path) -> dict[str, Any]:
+    """The ``report.json`` of a VAE (``FileNotFoundError`` naming the notebook to run)."""
+    key = vae_name(name)
+    path = Path(out_dir) / key / "report.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run 02_vae.ipynb with denoiser = {key!r} first "
+                                "(./run_all.sh --only vae)")
+    return json.loads(path.read_text())
+
+
+def reconstruction_table(reports: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """One row per VAE with :data:`REPORT_COLUMNS` (the ``vae_reconstruction.csv`` table)."""
+    return pd.DataFrame([{k: r[k] for k in REPORT_COLUMNS} for r in reports],
+                        columns=list(REPORT_COLUMNS))
+
+
+# --------------------------------------------------------------------------------------
+# Figure 4
+# --------------------------------------------------------------------------------------
+def figure4_crops(dataset: CTDataset, examples: Sequence[Mapping[str, Any]],
+                  crop_size: int) -> list[dict[str, Any]]:
+    """For each Figure 3 example: the ``crop_size`` square centred on its zoom crop (clipped to
+    the slice), as ``{"patient", "slice", "top", "left", "size", "low", "full"}`` (HU, float32)."""
+    out = []
+    for ex in examples:
+        k = int(ex["slice"])
+        low = dataset.volume(ex["patient"], "low")
+        h, w = low.shape[-2:]
+        if crop_size > min(h, w):
+            raise ValueError(f"crop size {crop_size} exceeds the {h}x{w} slices")
+        cy, cx = ex["top"] + ex["size"] // 2, ex["left"] + ex["size"] // 2
+        top = int(np.clip(cy - crop_size // 2, 0, h - crop_size))
+        left = int(np.clip(cx - crop_size // 2, 0, w - crop_size))
+        region = (k, slice(top, top + crop_size), slice(left, left + crop_size))
+        out.append({"patient": ex["patient"], "slice": k, "top": top, "left": left, "size": crop_size,
+                    "low": np.asarray(low[region], dtype=np.float32),
+                    "full": np.asarray(dataset.volume(ex["patient"], "full")[region], dtype=np.float32)})
+    return out
+
+
+def figure4(dataset: CTDataset, examples: Sequence[Mapping[str, Any]],
+            rows: Mapping[str, tuple[ConditionalVAE, nn.Module | None]],
+            window: tuple[float, float] = plotting.LUNG_WINDOW, cell_inches: float = 1.9):
+    """Figure 4: rows HD, LD and each VAE's reconstruction of LD (``rows``: label -> (vae,
+    denoiser or None)); columns: the Figure 3 examples, cropped to the VAEs' crop size around the
+    centre of each zoom crop. Lung window; the caption gives C/W."""
+    sizes = {m.config.crop_size for m, _ in rows.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"the VAEs of Figure 4 must share one crop size, got {sorted(sizes)}")
+    crops = figure4_crops(dataset, examples, sizes.pop())
+    norm = Normalizer.of(dataset)
+    low = np.stack([c["low"] for c in crops])
+    images = [[c["full"] for c in crops], list(low)]
+    images += [list(reconstruct_hu(vae, den, low, norm)) for vae, den in rows.values()]
+    cols = [f"{c['patient']} sl. {c['slice']}" for c in crops]
+    fig = plotting.image_grid(images, ["HD", "LD", *rows], cols, windows=window,
+                              cell_inches=cell_inches)
+    c, w = window
+    fig.text(0.5, -0.01, "Figure 4. High dose (HD), low dose (LD) and the reconstructions of LD by "
+             "the VAEs (posterior mean) for the zoomed crops of Figure 3 "
+             f"({crops[0]['size']}x{crops[0]['size']} px). C = {c:.0f} HU, W = {w:.0f} HU.",
+             ha="center", va="top", fontsize=9, wrap=True)
+    return fig
