@@ -210,22 +210,6 @@ def load_models(denoiser: str, params: Params, dataset: CTDataset, vae_dir: str 
 # --------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------
-def _refuse_longer_run(last: Path, fp: str, iterations: int, name: str) -> None:
-    if not last.is_file():
-        return
-    try:
-        ckpt = torch.load(last, map_location="cpu", weights_only=False, mmap=True)
-    except Exception:  # noqa: BLE001 - train() reports unreadable checkpoints
-        return
-    step = int(ckpt.get("step", 0))
-    if ckpt.get("fingerprint") == fp and step > iterations:
-        raise CheckpointMismatchError(
-            f"checkpoint {last} holds {step} training steps of the cINN of {name}, more than the "
-            f"{iterations} iterations asked for: rerun with force=True (run_all.sh --force) to "
-            "retrain, or raise cinn.iterations."
-        )
-
-
 def _validation_latents(vae: nn.Module, den: nn.Module, params: Params,
                         dataset: CTDataset) -> tuple[torch.Tensor, torch.Tensor]:
     from .loader import CropDataset, fixed_crops
@@ -260,7 +244,6 @@ def train_cinn(denoiser: str, params: Params, dataset: CTDataset, out_dir: str |
     t0 = time.time()
     fp = fingerprint(name, params, dataset, vae_dir, denoiser_dir)  # names a missing cVAE
     den, vae = load_models(name, params, dataset, vae_dir, denoiser_dir)
-    _refuse_longer_run(ckpt_dir / "last.pt", fp, cfg.iterations, name)
     model = build_cinn(params)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 

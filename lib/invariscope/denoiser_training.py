@@ -377,23 +377,6 @@ def _setup(name: str, params: Params, dataset: CTDataset) -> _Setup:
 # --------------------------------------------------------------------------------------
 # Public entry points
 # --------------------------------------------------------------------------------------
-def _refuse_longer_run(last: Path, fp: str, iterations: int, name: str) -> None:
-    """A finished run longer than ``iterations`` cannot be shortened: refuse it."""
-    if not last.is_file():
-        return
-    try:
-        ckpt = torch.load(last, map_location="cpu", weights_only=False, mmap=True)
-    except Exception:  # noqa: BLE001 - train() reports unreadable checkpoints
-        return
-    step = int(ckpt.get("step", 0))
-    if ckpt.get("fingerprint") == fp and step > iterations:
-        raise CheckpointMismatchError(
-            f"checkpoint {last} holds {step} training steps of {name}, more than the "
-            f"{iterations} iterations asked for: rerun with force=True (run_all.sh --force) "
-            "to retrain, or raise the iterations."
-        )
-
-
 def train_denoiser(name: str, params: Params, dataset: CTDataset, out_dir: str | Path,
                    force: bool = False, progress: bool = True) -> TrainedDenoiser:
     """Train (or resume, or reuse) denoiser ``name``; checkpoints in ``out_dir/<name>/``.
@@ -416,7 +399,6 @@ def train_denoiser(name: str, params: Params, dataset: CTDataset, out_dir: str |
     t0 = time.time()
     setup = _setup(name, params, dataset)
     fp = fingerprint(name, params, dataset)
-    _refuse_longer_run(ckpt_dir / "last.pt", fp, cfg.iterations, name)
     stream = BatchStream(dataset, cfg.patch_size, cfg.batch_size, seed=params.seed,
                          num_workers=params.loader.num_workers)
     validate = _make_validate(setup.model, dataset, den.val_slices, Normalizer.of(dataset))

@@ -140,6 +140,12 @@ def train(
         ckpt = load_checkpoint(last, modules, optimizers, fingerprint)
         start, best_metric, best_step = ckpt["step"], ckpt.get("best_metric"), ckpt.get("best_step")
         history = ckpt.get("history", [])
+        if start > n_steps:  # a finished longer run cannot be shortened silently
+            raise CheckpointMismatchError(
+                f"checkpoint {last} holds {start} training steps ({desc}), more than the {n_steps} "
+                "iterations asked for: rerun with --force (run_all.sh) / force=True to retrain, "
+                "or raise the iterations in the params file."
+            )
     validate_every = validate_every or checkpoint_every
     saved_step = start if last.is_file() else None
     t0 = time.time()

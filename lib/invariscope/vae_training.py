@@ -259,22 +259,6 @@ def _requires_grad(module: nn.Module, flag: bool) -> None:
         p.requires_grad_(flag)
 
 
-def _refuse_longer_run(last: Path, fp: str, iterations: int, name: str) -> None:
-    if not last.is_file():
-        return
-    try:
-        ckpt = torch.load(last, map_location="cpu", weights_only=False, mmap=True)
-    except Exception:  # noqa: BLE001 - train() reports unreadable checkpoints
-        return
-    step = int(ckpt.get("step", 0))
-    if ckpt.get("fingerprint") == fp and step > iterations:
-        raise CheckpointMismatchError(
-            f"checkpoint {last} holds {step} training steps of the {name} VAE, more than the "
-            f"{iterations} iterations asked for: rerun with force=True (run_all.sh --force) to "
-            "retrain, or raise vae.iterations."
-        )
-
-
 def _make_step(vae: ConditionalVAE, critic: Critic, denoiser: nn.Module | None, params: Params,
                perceptual: nn.Module) -> tuple[Callable[[int, Any], dict[str, float]],
                                                dict[str, torch.optim.Optimizer]]:
@@ -340,7 +324,6 @@ def train_vae(denoiser: str | None, params: Params, dataset: CTDataset, out_dir:
     t0 = time.time()
     den = get_denoiser(name, params, dataset, denoiser_dir)
     fp = fingerprint(name, params, dataset, denoiser_dir)
-    _refuse_longer_run(ckpt_dir / "last.pt", fp, cfg.iterations, name)
     conditional = den is not None
     vae = build_vae(conditional, params)
     critic = _build_critic(conditional, params)
