@@ -89,6 +89,41 @@ def bench(profile: str, n_crops: int, n_inv: int, batch: int, denoiser: str) -> 
             "cinn_share_generation": timings.get("cinn", 0.0) / gen if gen else float("nan")}
 
 
+def bench_train_step(profile: str, n_steps: int) -> dict:
+    """Seconds per cINN training step at a profile's sizes and batch (random weights and data):
+    ŷ = Gauss+RI(x), z ~ q(z | x, ŷ) from the cVAE encoder, NLL forward + backward + Adam."""
+    params = load_params(profile)
+    c, b = params.vae.crop_size, params.cinn.batch_size
+    vae = build_vae(True, params, load_pretrained=False).eval()
+    cinn = build_cinn(params)
+    f = build_denoiser("gaussri").eval()
+    opt = torch.optim.Adam(cinn.parameters(), lr=params.cinn.lr)
+    g = torch.Generator().manual_seed(0)
+    parts = {"encoder": 0.0, "cinn": 0.0}
+    for step in range(n_steps + 1):  # step 0: warm-up and ActNorm initialization, not timed
+        x = torch.randn(b, 1, c, c, generator=g)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            y_hat = f(x)
+            mu, logvar = vae.encode(x, y_hat)
+            z = vae.reparameterize(mu, logvar)
+        t1 = time.perf_counter()
+        if step == 0:
+            cinn.initialize(z, y_hat)
+        loss = cinn.nll_loss(z, y_hat)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        t2 = time.perf_counter()
+        if step > 0:
+            parts["encoder"] += t1 - t0
+            parts["cinn"] += t2 - t1
+    per = (parts["encoder"] + parts["cinn"]) / n_steps
+    return {"profile": profile, "batch": b, "step_s": per, "encoder_s": parts["encoder"] / n_steps,
+            "cinn_s": parts["cinn"] / n_steps, "iterations": params.cinn.iterations,
+            "hours": per * params.cinn.iterations / 3600}
+
+
 def _duration(hours: float) -> str:
     return f"{hours:.1f} h" if hours >= 1 else f"{60 * hours:.1f} min"
 
@@ -124,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="invariances per crop (default: 32 default, 8 paper)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--write", action="store_true", help="update benchmarks/README.md")
+    ap.add_argument("--no-train-step", action="store_true", help="skip the cINN training-step timing")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -139,6 +175,21 @@ def main(argv: list[str] | None = None) -> int:
                   f"(cINN {r['cinn_s']:.2f} s, decoder {r['decoder_s']:.2f} s, denoiser "
                   f"{r['denoiser_s']:.2f} s, total {r['seconds']:.2f} s)", flush=True)
             rows.append(r)
+    steps = []
+    if not args.no_train_step:
+        for profile in args.sizes.split(","):
+            r = bench_train_step(profile, 2 if profile == "paper" else 5)
+            print(f"{profile:8s} cINN training step {r['step_s']:.3f} s (batch {r['batch']})", flush=True)
+            steps.append(r)
+    step_lines = ""
+    if steps:
+        step_lines = ("\n\ncINN training step (`cinn_training.train_cinn`'s work: ŷ = Gauss+RI(x), z ~ q(z | x, ŷ) "
+                      "from the cVAE encoder, NLL forward and backward, Adam), random weights and data:\n\n"
+                      "| size | batch | s / step | cVAE encoder + ŷ | cINN (embedder + flow, fwd + bwd + Adam) "
+                      "| profile's iterations at this rate |\n|---|---:|---:|---:|---:|---:|\n"
+                      + "\n".join(f"| {r['profile']} | {r['batch']} | {r['step_s']:.3f} | {r['encoder_s']:.3f} s "
+                                   f"| {r['cinn_s']:.3f} s | {r['iterations']:,}: {_duration(r['hours'])} |"
+                                   for r in steps))
     text = (f"{SECTION}\n\n"
             "`invariscope.invariances.sample_invariances` (ŷ = f(x), v ~ N(0, I), z̃ = t⁻¹(v | ŷ), "
             "x̃ = D(z̃, ŷ), and f(x̃)) with randomly initialised cVAE, cINN (ActNorm initialized from a "
@@ -149,7 +200,10 @@ def main(argv: list[str] | None = None) -> int:
             f"Machine: {os.cpu_count()} CPU cores ({platform.machine()}), torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads, Python {platform.python_version()}. The machine was "
             "shared with other jobs, so timings are noisy.\n\n"
-            + table(rows) + "\n\n"
+            + table(rows) + step_lines + "\n\n"
+            "With several processes on the same cores, torch's default of one thread per core can be "
+            "several times slower than `torch.set_num_threads(1)` for these small models (measured here: "
+            "a default-size training step took 0.27 s with 1 thread and 1.75 s with 2 under load ~4).\n\n"
             "Rerun: `PYTHONPATH=lib .venv/bin/python benchmarks/bench_invariances.py --write`.\n")
     print()
     print(text)

@@ -239,7 +239,7 @@ _TINY = {
     "vae.checkpoint_every": 1, "vae.validate_every": 1,
     "cinn.n_blocks": 2, "cinn.hidden": 16, "cinn.hidden_depth": 1, "cinn.base_channels": 4,
     "cinn.cond_dim": 8, "cinn.batch_size": 4, "cinn.iterations": 4, "cinn.checkpoint_every": 2,
-    "cinn.validate_every": 2, "cinn.n_val_crops": 4, "cinn.lr": 1e-3,
+    "cinn.validate_every": 2, "cinn.n_val_crops": 4, "cinn.lr": 1e-3, "cinn.pool_crops": 0,
 }
 
 
@@ -257,14 +257,17 @@ def _state(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def test_cinn_training_resume_equals_straight_run(trained_vae, tmp_path):
-    ds, params, root = trained_vae
+@pytest.mark.parametrize("pool", [0, 6], ids=["fresh-crops", "latent-pool"])
+def test_cinn_training_resume_equals_straight_run(trained_vae, tmp_path, pool):
+    ds, _, root = trained_vae
+    params = load_params("smoke", {**_TINY, "cinn.pool_crops": pool})
     dirs = dict(vae_dir=root / "vae", denoiser_dir=root / "den")
     straight = ct.train_cinn("gaussri", params, ds, tmp_path / "a", progress=False, **dirs)
     assert straight.steps == 4 and straight.best_step is not None
     assert math.isfinite(straight.best_val_nll) and not straight.model.training
     assert straight.model.is_initialized
-    half = load_params("smoke", {**_TINY, "cinn.iterations": 2})
+    assert (tmp_path / "a" / "gaussri" / "latent_pool.pt").is_file() == (pool > 0)
+    half = load_params("smoke", {**_TINY, "cinn.pool_crops": pool, "cinn.iterations": 2})
     ct.train_cinn("gaussri", half, ds, tmp_path / "b", progress=False, **dirs)
     resumed = ct.train_cinn("gaussri", params, ds, tmp_path / "b", progress=False, **dirs)
     assert torch.load(tmp_path / "b" / "gaussri" / "last.pt", weights_only=False)["step"] == 4

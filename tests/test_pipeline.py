@@ -48,10 +48,14 @@ def test_bad_arguments_are_reported(capsys, tmp_path):
 def test_stamp_changes_with_parameters():
     from invariscope.params import load_params
 
-    job = pipeline.plan("smoke", None, None, None, ["cnn10"])[0]
-    a = pipeline.job_stamp(job, load_params("smoke").model_dump(mode="json"), [])
-    b = pipeline.job_stamp(job, load_params("smoke", {"seed": 1}).model_dump(mode="json"), [])
-    assert a != b
+    data, den = pipeline.plan("smoke", None, None, None, ["cnn10"])[:2]
+    dump = load_params("smoke").model_dump(mode="json")
+    reseeded = load_params("smoke", {"seed": 1}).model_dump(mode="json")
+    assert pipeline.job_stamp(den, dump, []) != pipeline.job_stamp(den, reseeded, [])
+    # the data stage reads data.* only (the simulation has its own seed)
+    assert pipeline.job_stamp(data, dump, []) == pipeline.job_stamp(data, reseeded, [])
+    resimulated = load_params("smoke", {"data.simulation.seed": 1}).model_dump(mode="json")
+    assert pipeline.job_stamp(data, dump, []) != pipeline.job_stamp(data, resimulated, [])
 
 
 @pytest.mark.parametrize("stage", pipeline.STAGES, ids=lambda s: s.name)
@@ -64,10 +68,14 @@ def test_every_notebook_has_a_parameters_cell_defaulting_to_smoke(stage):
         "commit notebooks without outputs"
 
 
-@pytest.mark.parametrize("profile", ["smoke", "default", "paper"])
+EXAMPLE = str(repo_root() / "examples" / "own_denoiser" / "params.yaml")
+
+
+@pytest.mark.parametrize("profile", ["smoke", "default", "paper", EXAMPLE],
+                         ids=["smoke", "default", "paper", "own_denoiser"])
 @pytest.mark.parametrize("stage", pipeline.STAGES, ids=lambda s: s.name)
 def test_papermill_prepare_only(stage, profile, tmp_path):
-    """Every notebook accepts every profile's parameters (papermill --prepare-only)."""
+    """Every notebook accepts every params file (papermill --prepare-only)."""
     import papermill as pm
 
     out = tmp_path / "out.ipynb"
@@ -90,3 +98,39 @@ def test_papermill_parses_every_parameter(stage):
     cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
     assigned = [ln.split("=")[0].strip() for ln in cell.source.splitlines() if "=" in ln]
     assert [p.name for p in PythonTranslator.inspect(cell)] == assigned
+
+
+def test_stamps_depend_only_on_what_a_job_reads():
+    from invariscope.params import load_params
+
+    methods = ["cnn10", "redcnn", "gaussri"]
+    jobs = pipeline.plan("smoke", None, None, None, methods)
+    base = pipeline.stamps(jobs, load_params("smoke").model_dump(mode="json"))
+    retuned = pipeline.stamps(jobs, load_params(
+        "smoke", {"denoisers.redcnn.lr": 3e-4}).model_dump(mode="json"))
+    changed = {label for label in base if base[label] != retuned[label]}
+    # RED-CNN and everything downstream of it reruns; CNN-10's chain and the data do not
+    assert {"denoiser[redcnn]", "vae[redcnn]", "cinn[redcnn]", "invariances[redcnn]", "table1",
+            "figure4", "figure5"} <= changed
+    assert not changed & {"data", "denoiser[cnn10]", "vae[cnn10]", "cinn[gaussri]", "vae[unconditional]"}
+    later = pipeline.stamps(jobs, load_params("smoke", {"cinn.lr": 1e-4}).model_dump(mode="json"))
+    assert {lbl for lbl in base if base[lbl] != later[lbl]} == {
+        *(f"cinn[{m}]" for m in methods), *(f"invariances[{m}]" for m in methods), "figure5",
+        "embedding", "analysis"}
+
+
+def test_selection_flags_do_not_change_stamps(capsys, tmp_path, monkeypatch):
+    """--only/--denoisers runs a job under the same stamp as a full run, so it is not redone."""
+    from invariscope.params import load_params
+
+    dump = load_params("smoke").model_dump(mode="json")
+    full = pipeline.stamps(pipeline.plan("smoke", None, None, None, ["cnn10", "gaussri"]), dump)
+    part = pipeline.stamps(pipeline.plan("smoke", None, None, None, ["cnn10", "gaussri"]), dump)
+    assert full == part
+
+
+def test_own_denoiser_example_dry_run_reuses_the_default_run(capsys):
+    """The example params file adds one method to the default profile's run folder."""
+    assert pipeline.run(["--profile", EXAMPLE, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "[default] denoiser[smooth]" in out and "[default] invariances[smooth]" in out

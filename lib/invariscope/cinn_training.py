@@ -6,6 +6,10 @@ Paper Sec. 2.3.2 / Eq. 5–6 and the authors' trainer: per step
    :class:`~invariscope.training.BatchStream`, the cVAE's crop size);
 2. ŷ = f(x) with the frozen, eval-mode denoiser, and z ~ q(z | x, ŷ) (reparameterised sample of
    the frozen, eval-mode conditional encoder); no gradient reaches f or the VAE;
+
+   with ``cinn.pool_crops = N > 0`` (CPU profiles) steps 1–2 instead draw the batch from N fixed
+   training crops whose ŷ, μ and log σ² are computed once (cached in ``latent_pool.pt``) and
+   only resample z = μ + σ·ε: f(x) of RED-CNN on a batch costs far more than the cINN step;
 3. one Adam step on the cINN's exact negative log-likelihood
    ``mean(½‖t(z | ŷ)‖²) − mean(log|det J|)`` (nats per sample,
    :meth:`invariscope.cinn.ConditionalINN.nll_loss`); the condition embedder of ŷ is trained
@@ -26,7 +30,9 @@ another VAE or denoiser.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,13 +82,18 @@ class TrainedCINN:
 # --------------------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------------------
-def cinn_name(denoiser: str) -> str:
-    """Folder name of a denoiser's cINN (the denoiser key; there is no unconditional cINN)."""
+def cinn_name(denoiser: str, params: Params | None = None) -> str:
+    """Folder name of a denoiser's cINN (the denoiser key; there is no unconditional cINN).
+
+    Custom denoisers (``denoisers.custom``) are known only with ``params``.
+    """
     from .denoiser_training import METHODS
 
     key = str(denoiser).lower()
-    if key not in METHODS:
-        raise ValueError(f"unknown denoiser {denoiser!r}; allowed values: {', '.join(METHODS)}")
+    custom = list(params.denoisers.custom) if params is not None else []
+    if key not in METHODS and key not in custom:
+        raise ValueError(f"unknown denoiser {denoiser!r}; allowed values: "
+                         f"{', '.join([*METHODS, *custom])}")
     return key
 
 
@@ -124,7 +135,7 @@ def vae_identity(denoiser: str, params: Params, dataset: CTDataset, vae_dir: str
     """``<VAE fingerprint>:<sha256 of the cVAE checkpoint load_vae reads>`` of a denoiser's cVAE."""
     from .vae_training import fingerprint as vae_fingerprint
 
-    name = cinn_name(denoiser)
+    name = cinn_name(denoiser, params)
     folder = _vae_dir(params, vae_dir) / name
     path = _checkpoint_file(folder)
     if not path.is_file():
@@ -140,7 +151,7 @@ def fingerprint(denoiser: str, params: Params, dataset: CTDataset, vae_dir: str 
     the seed, the data set, the denoiser and the identity of its cVAE checkpoint."""
     from .denoiser_training import dataset_key
 
-    name = cinn_name(denoiser)
+    name = cinn_name(denoiser, params)
     payload = {"cinn": params.cinn.model_dump(mode="json", exclude={"iterations"}),
                "latent_dim": params.vae.latent_dim, "crop_size": params.vae.crop_size,
                "seed": params.seed, "dataset": dataset_key(dataset), "denoiser": name,
@@ -153,7 +164,7 @@ def checkpoint_identity(denoiser: str, params: Params, dataset: CTDataset,
                         denoiser_dir: str | Path | None = None) -> str:
     """``<cINN fingerprint>:<sha256 of the checkpoint load_cinn reads>``: what sampled invariances
     depend on (cache key of :func:`invariscope.invariances.sample_invariances_cached`)."""
-    name = cinn_name(denoiser)
+    name = cinn_name(denoiser, params)
     folder = (Path(out_dir) if out_dir is not None else run_dir(params.profile) / "cinn") / name
     path = _checkpoint_file(folder)
     if not path.is_file():
@@ -200,7 +211,7 @@ def load_models(denoiser: str, params: Params, dataset: CTDataset, vae_dir: str 
     """The frozen, eval-mode ``(denoiser, cVAE)`` a denoiser's cINN is trained on / samples with."""
     from .vae_training import get_denoiser, load_vae
 
-    name = cinn_name(denoiser)
+    name = cinn_name(denoiser, params)
     den_dir = _denoiser_dir(params, denoiser_dir)
     den = get_denoiser(name, params, dataset, den_dir)
     vae = load_vae(name, params, dataset, _vae_dir(params, vae_dir), den_dir)
@@ -222,6 +233,38 @@ def _validation_latents(vae: nn.Module, den: nn.Module, params: Params,
     return encode_latents(vae, den, x, generator=gen)
 
 
+def _latent_pool(vae: nn.Module, den: nn.Module, params: Params, dataset: CTDataset, ckpt_dir: Path,
+                 fp: str, progress: bool) -> dict[str, torch.Tensor]:
+    """ŷ, μ and log σ² of ``cinn.pool_crops`` fixed training crops, cached in ``latent_pool.pt``."""
+    from tqdm.auto import tqdm
+
+    from . import atomic
+    from .loader import CropDataset, fixed_crops
+
+    n, size = params.cinn.pool_crops, params.vae.crop_size
+    path = ckpt_dir / "latent_pool.pt"
+    if path.is_file():
+        try:
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+            if cached.get("fingerprint") == fp and len(cached["mu"]) == n:
+                return {k: cached[k] for k in ("y_hat", "mu", "logvar")}
+        except Exception:  # noqa: BLE001 - unreadable: recompute
+            pass
+    specs = fixed_crops(dataset, "train", size, n, params.seed + 1)
+    crops = CropDataset(dataset, "train", size, specs)
+    parts: dict[str, list[torch.Tensor]] = {"y_hat": [], "mu": [], "logvar": []}
+    with torch.no_grad():
+        for i in tqdm(range(0, n, 64), desc="latent pool", disable=not progress, mininterval=2.0):
+            x = torch.stack([crops[j][0] for j in range(i, min(i + 64, n))])
+            y_hat = den(x)
+            mu, logvar = vae.encode(x, y_hat)
+            for k, v in (("y_hat", y_hat), ("mu", mu), ("logvar", logvar)):
+                parts[k].append(v)
+    pool = {k: torch.cat(v) for k, v in parts.items()}
+    atomic.torch_save(path, {"fingerprint": fp, **pool})
+    return pool
+
+
 def train_cinn(denoiser: str, params: Params, dataset: CTDataset, out_dir: str | Path,
                force: bool = False, progress: bool = True, vae_dir: str | Path | None = None,
                denoiser_dir: str | Path | None = None) -> TrainedCINN:
@@ -235,11 +278,11 @@ def train_cinn(denoiser: str, params: Params, dataset: CTDataset, out_dir: str |
     :class:`~invariscope.training.NonFiniteLossError` keeping the last good checkpoint. Returns
     the best checkpoint (lowest validation NLL) in eval mode.
     """
-    name = cinn_name(denoiser)
+    name = cinn_name(denoiser, params)
     cfg = params.cinn
     ckpt_dir = Path(out_dir) / name
     if force:
-        for f in ("last.pt", "best.pt"):
+        for f in ("last.pt", "best.pt", "latent_pool.pt"):
             (ckpt_dir / f).unlink(missing_ok=True)
     t0 = time.time()
     fp = fingerprint(name, params, dataset, vae_dir, denoiser_dir)  # names a missing cVAE
@@ -247,8 +290,14 @@ def train_cinn(denoiser: str, params: Params, dataset: CTDataset, out_dir: str |
     model = build_cinn(params)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
+    pool = _latent_pool(vae, den, params, dataset, ckpt_dir, fp, progress) if cfg.pool_crops else None
+
     def step_fn(step: int, batch: Any) -> dict[str, float]:
-        z, y_hat = encode_latents(vae, den, batch[0])
+        if pool is None:
+            z, y_hat = encode_latents(vae, den, batch[0])
+        else:  # batch: indices into the pool; fresh reparameterisation noise every step
+            y_hat, mu = pool["y_hat"][batch], pool["mu"][batch]
+            z = mu + torch.exp(0.5 * pool["logvar"][batch]) * torch.randn_like(mu)
         if not model.is_initialized:  # a fresh run: fit every ActNorm to the first batch
             model.initialize(z, y_hat)
         loss = model.nll_loss(z, y_hat)
@@ -268,9 +317,15 @@ def train_cinn(denoiser: str, params: Params, dataset: CTDataset, out_dir: str |
             total += float(model.nll_loss(z_val[i:i + 256], y_val[i:i + 256])) * n
         return total / len(z_val)
 
-    stream = BatchStream(dataset, params.vae.crop_size, cfg.batch_size, seed=params.seed,
-                         num_workers=params.loader.num_workers)
-    result = train(step_fn, stream.iterate_from, cfg.iterations, ckpt_dir, {"cinn": model},
+    if pool is None:
+        batches = BatchStream(dataset, params.vae.crop_size, cfg.batch_size, seed=params.seed,
+                              num_workers=params.loader.num_workers).iterate_from
+    else:
+        def batches(start: int) -> Iterator[torch.Tensor]:
+            for step in itertools.count(start):  # a batch depends only on (seed, step): resumable
+                g = torch.Generator().manual_seed(params.seed * 1_000_003 + step)
+                yield torch.randperm(cfg.pool_crops, generator=g)[:cfg.batch_size]
+    result = train(step_fn, batches, cfg.iterations, ckpt_dir, {"cinn": model},
                    {"cinn": opt}, fp, seed=params.seed, checkpoint_every=cfg.checkpoint_every,
                    validate_fn=validate, validate_every=cfg.validate_every,
                    higher_is_better=False, desc=f"cINN {name}", progress=progress)
@@ -291,7 +346,7 @@ def load_cinn(denoiser: str, params: Params, dataset: CTDataset, out_dir: str | 
     :class:`~invariscope.training.CheckpointMismatchError` when its checkpoint belongs to another
     configuration, another cVAE checkpoint or another denoiser checkpoint.
     """
-    name = cinn_name(denoiser)
+    name = cinn_name(denoiser, params)
     model = build_cinn(params)
     load_best(Path(out_dir) / name, {"cinn": model},
               fingerprint(name, params, dataset, vae_dir, denoiser_dir))

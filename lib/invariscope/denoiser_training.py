@@ -91,10 +91,12 @@ class TrainedDenoiser:
 # --------------------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------------------
-def _check_name(name: str) -> str:
+def _check_name(name: str, params: Params | None = None) -> str:
     key = name.lower()
-    if key not in METHODS:
-        raise ValueError(f"unknown denoiser {name!r}; allowed values: {', '.join(METHODS)}")
+    custom = list(params.denoisers.custom) if params is not None else []
+    if key not in METHODS and key not in custom:
+        raise ValueError(f"unknown denoiser {name!r}; allowed values: "
+                         f"{', '.join([*METHODS, *custom])} (own denoisers: denoisers.custom)")
     return key
 
 
@@ -110,13 +112,17 @@ def fingerprint(name: str, params: Params, dataset: CTDataset) -> str:
     ``iterations`` is left out: no setting depends on the run length, so raising it continues a
     finished run where it stopped (a checkpoint past the requested length is refused instead).
     """
-    name = _check_name(name)
+    name = _check_name(name, params)
     payload: dict[str, Any] = {"method": name, "seed": params.seed, "dataset": dataset_key(dataset)}
     if name in TRAINED_METHODS:
         payload["train"] = getattr(params.denoisers, name).model_dump(mode="json",
                                                                      exclude={"iterations"})
     if name == "wganvgg":
         payload["vgg_weights"] = params.denoisers.vgg_weights
+    if name in params.denoisers.custom:
+        from .custom import identity
+
+        payload["custom"] = identity(name, params)
     return f"{name}-{digest(payload)}"
 
 
@@ -381,15 +387,21 @@ def train_denoiser(name: str, params: Params, dataset: CTDataset, out_dir: str |
                    force: bool = False, progress: bool = True) -> TrainedDenoiser:
     """Train (or resume, or reuse) denoiser ``name``; checkpoints in ``out_dir/<name>/``.
 
-    ``gaussri`` has nothing to train and returns at once. ``force=True`` deletes the method's
+    ``gaussri`` and custom denoisers (``denoisers.custom``) have nothing to train and return at
+    once. ``force=True`` deletes the method's
     ``last.pt``/``best.pt`` first. A checkpoint written by another configuration (method
     params, seed, data set) raises :class:`~invariscope.training.CheckpointMismatchError`; a NaN
     loss raises :class:`~invariscope.training.NonFiniteLossError` keeping the last good
     checkpoint. Returns the best checkpoint's model in eval mode.
     """
-    name = _check_name(name)
+    name = _check_name(name, params)
     if name == "gaussri":
         return TrainedDenoiser(name, GaussRI().eval(), None, None, 0, 0.0, None)
+    if name in params.denoisers.custom:  # the user's own, already trained denoiser
+        from .custom import build_custom
+
+        return TrainedDenoiser(name, build_custom(name, params, dataset.normalization), None, None,
+                               0, 0.0, None)
     den = params.denoisers
     cfg = getattr(den, name)
     ckpt_dir = Path(out_dir) / name
@@ -419,9 +431,13 @@ def load_denoiser(name: str, params: Params, dataset: CTDataset, out_dir: str | 
     :class:`~invariscope.training.CheckpointMismatchError` when its checkpoint belongs to another
     configuration.
     """
-    name = _check_name(name)
+    name = _check_name(name, params)
     if name == "gaussri":
         return GaussRI().eval()
+    if name in params.denoisers.custom:
+        from .custom import build_custom
+
+        return build_custom(name, params, dataset.normalization)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(params.seed)
         model = build_denoiser(name)

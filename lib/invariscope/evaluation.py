@@ -27,8 +27,15 @@ PAPER_TABLE1 = {
     "WGAN-VGG": {"ssim": (0.505, 0.099), "psnr": (25.3, 2.2), "rmse": (91, 26)},
     "DU-GAN": {"ssim": (0.544, 0.096), "psnr": (26.3, 2.2), "rmse": (80, 22)},
 }
-LABELS = {"ld": "LD", "cnn10": "CNN-10", "redcnn": "RED-CNN", "wganvgg": "WGAN-VGG",
-          "dugan": "DU-GAN", "gaussri": "Gauss+RI"}
+class _Labels(dict):
+    """Display names by key; an unknown key (a custom denoiser) is shown as itself."""
+
+    def __missing__(self, key: str) -> str:
+        return str(key)
+
+
+LABELS = _Labels({"ld": "LD", "cnn10": "CNN-10", "redcnn": "RED-CNN", "wganvgg": "WGAN-VGG",
+                  "dugan": "DU-GAN", "gaussri": "Gauss+RI"})
 METRICS = ("ssim", "psnr", "rmse")
 _DECIMALS = {"ssim": 3, "psnr": 1, "rmse": 0}
 

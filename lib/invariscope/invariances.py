@@ -9,7 +9,10 @@ For a low-dose crop x and a denoiser f (paper Sec. 2.3.3):
 
 Each x̃ is an invariance of f for x; f(x̃) is stored with it. The *prior ablation*
 (``prior=True``) skips step 3 (z̃ = v ~ N(0, I), decoded directly) and uses the same v, so
-the two sets are paired draw by draw.
+the two sets are paired draw by draw. A *posterior diagnostic* (``posterior=True``) draws
+z̃ = μ + σ·v from the encoder's own posterior q(z | x, f(x)) of each crop instead: what the
+decoded images do when z is as well informed as the cVAE allows, a reference for how much of a
+poor control is the cVAE's doing rather than the cINN's.
 
 Storage: one compressed ``.npz`` per set (:func:`save_invariances`, atomic): x, y (full dose),
 ŷ = f(x) as float32 HU (N, c, c), x̃ and f(x̃) as float16 HU (N, M, c, c), the crop specs and the
@@ -31,7 +34,6 @@ import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -89,7 +91,7 @@ def _batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_
 def _sample_chunk(denoiser_model: nn.Module, vae: nn.Module, cinn: nn.Module | None,
                   crops: CropDataset, first: int, specs: Sequence[CropSpec], n_inv: int,
                   batch_size: int, seed: int, mode: str, norm: Normalizer,
-                  timings: dict[str, float] | None) -> dict[str, np.ndarray]:
+                  timings: dict[str, float] | None, outputs: bool = True) -> dict[str, np.ndarray]:
     t = timings if timings is not None else {}
 
     def tick(name: str, t0: float) -> float:
@@ -120,7 +122,7 @@ def _sample_chunk(denoiser_model: nn.Module, vae: nn.Module, cinn: nn.Module | N
                    for i in range(b)])
     owner = torch.arange(b).repeat_interleave(n_inv)
     x_tilde = np.empty((b * n_inv, c, c), dtype=np.float16)
-    f_x_tilde = np.empty((b * n_inv, c, c), dtype=np.float16)
+    f_x_tilde = np.empty((b * n_inv, c, c) if outputs else (b, 0, c, c), dtype=np.float16)
     t0 = tick("other", t0)
     for s in range(0, b * n_inv, batch_size):
         rows = slice(s, s + batch_size)
@@ -134,14 +136,16 @@ def _sample_chunk(denoiser_model: nn.Module, vae: nn.Module, cinn: nn.Module | N
             z = v[rows]
         xt = vae.decode(z, y_hat[who])
         t0 = tick("decoder", t0)
-        ft = denoiser_model(xt)
-        t0 = tick("denoiser", t0)
         x_tilde[rows] = norm.to_hu(xt[:, 0]).numpy()
-        f_x_tilde[rows] = norm.to_hu(ft[:, 0]).numpy()
+        if outputs:
+            ft = denoiser_model(xt)
+            t0 = tick("denoiser", t0)
+            f_x_tilde[rows] = norm.to_hu(ft[:, 0]).numpy()
         t0 = tick("other", t0)
     hu = lambda a: norm.to_hu(a[:, 0]).numpy().astype(np.float32)  # noqa: E731
     return {"x": hu(x), "y": hu(y), "y_hat": hu(y_hat),
-            "x_tilde": x_tilde.reshape(b, n_inv, c, c), "f_x_tilde": f_x_tilde.reshape(b, n_inv, c, c),
+            "x_tilde": x_tilde.reshape(b, n_inv, c, c),
+            "f_x_tilde": f_x_tilde.reshape(b, n_inv, c, c) if outputs else f_x_tilde,
             "crops": np.asarray(specs, dtype=np.int64).reshape(b, 3)}
 
 
@@ -158,7 +162,7 @@ def sample_invariances(denoiser_model: nn.Module, vae: nn.Module, cinn: nn.Modul
                        chunk_dir: str | Path | None = None, chunk_crops: int = 16, key: str = "",
                        progress: bool = True, desc: str | None = None,
                        timings: dict[str, float] | None = None,
-                       posterior: bool = False) -> dict[str, np.ndarray]:
+                       posterior: bool = False, outputs: bool = True) -> dict[str, np.ndarray]:
     """``n_invariances`` invariances x̃ of ``denoiser_model`` for each crop, with f(x̃).
 
     ``crops``: (slice index, top, left) specs of ``split`` (e.g. from
@@ -173,7 +177,8 @@ def sample_invariances(denoiser_model: nn.Module, vae: nn.Module, cinn: nn.Modul
 
     ``chunk_dir``: write every ``chunk_crops`` crops to a chunk file there (atomically) and reuse
     chunk files of the same ``key`` (resume); ``timings``: a dict that accumulates seconds per
-    part (``load``, ``denoiser``, ``cinn``, ``decoder``, ``other``).
+    part (``load``, ``denoiser``, ``cinn``, ``decoder``, ``other``). ``outputs=False`` skips
+    f(x̃) (``f_x_tilde`` then has shape (N, 0, c, c)): for uses that need x̃ only.
 
     Returns a dict of arrays: ``x``, ``y``, ``y_hat`` (N, c, c) float32 HU; ``x_tilde``,
     ``f_x_tilde`` (N, M, c, c) float16 HU; ``crops`` (N, 3) int64; and 0-d ``seed``,
@@ -211,7 +216,7 @@ def sample_invariances(denoiser_model: nn.Module, vae: nn.Module, cinn: nn.Modul
                 part = None
         if part is None:
             part = _sample_chunk(denoiser_model, vae, cinn, crop_ds, a, crops[a:b], n_invariances,
-                                 batch_size, seed, mode, norm, timings)
+                                 batch_size, seed, mode, norm, timings, outputs)
             if f is not None:
                 atomic.save_npz(f, key=np.asarray(key), **part)
         parts.append(part)
@@ -223,27 +228,33 @@ def sample_invariances(denoiser_model: nn.Module, vae: nn.Module, cinn: nn.Modul
 
 
 def invariance_key(crops: Sequence[CropSpec], n_invariances: int, seed: int, prior: bool,
-                   split: str = "test", models: str = "") -> str:
-    """Cache key of a set of invariances (crops, counts, seed, ablation flag, model identity)."""
-    return digest({"crops": [list(map(int, s)) for s in crops], "n": int(n_invariances),
-                   "seed": int(seed), "prior": bool(prior), "split": split, "models": models,
-                   "format": _FORMAT}, length=16)
+                   split: str = "test", models: str = "", outputs: bool = True) -> str:
+    """Cache key of a set of invariances (crops, counts, seed, ablation flag, model identity,
+    whether f(x̃) was computed)."""
+    payload = {"crops": [list(map(int, s)) for s in crops], "n": int(n_invariances),
+               "seed": int(seed), "prior": bool(prior), "split": split, "models": models,
+               "format": _FORMAT}
+    if not outputs:  # keys of sets with f(x̃) stay as they were
+        payload["outputs"] = False
+    return digest(payload, length=16)
 
 
 def sample_invariances_cached(path: str | Path, denoiser_model: nn.Module, vae: nn.Module,
                               cinn: nn.Module | None, dataset: CTDataset, crops: Sequence[CropSpec],
                               n_invariances: int, batch_size: int, seed: int, prior: bool = False,
                               *, split: str = "test", models: str = "", chunk_crops: int = 16,
-                              force: bool = False, progress: bool = True) -> dict[str, np.ndarray]:
+                              force: bool = False, progress: bool = True,
+                              outputs: bool = True) -> dict[str, np.ndarray]:
     """:func:`sample_invariances` into ``path`` (.npz), reusing it when its key matches.
 
     ``models``: identity of the networks (e.g. :func:`invariscope.cinn_training.checkpoint_identity`);
     a file of other crops, counts, seed or models is resampled. While sampling, chunk files go to
     ``<path stem>.chunks/`` beside it (an interrupted run resumes there); they are merged into
-    ``path`` and deleted at the end. ``force=True`` resamples everything.
+    ``path`` and deleted at the end. ``force=True`` resamples everything. ``outputs=False``: skip
+    f(x̃) (see :func:`sample_invariances`).
     """
     path = Path(path)
-    key = invariance_key(crops, n_invariances, seed, prior, split, models)
+    key = invariance_key(crops, n_invariances, seed, prior, split, models, outputs)
     chunks = path.with_name(path.stem + ".chunks")
     if force:
         path.unlink(missing_ok=True)
@@ -258,7 +269,7 @@ def sample_invariances_cached(path: str | Path, denoiser_model: nn.Module, vae: 
             return load_invariances(path)
     result = sample_invariances(denoiser_model, vae, cinn, dataset, crops, n_invariances, batch_size,
                                 seed, prior, split=split, chunk_dir=chunks, chunk_crops=chunk_crops,
-                                key=key, progress=progress)
+                                key=key, progress=progress, outputs=outputs)
     save_invariances(path, result)
     shutil.rmtree(chunks, ignore_errors=True)
     return result

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -138,12 +139,38 @@ class DUGANTrainParams(_DenoiserTrainParams):
         return self
 
 
+BUILTIN_DENOISERS = ("cnn10", "redcnn", "wganvgg", "dugan", "gaussri")
+
+
+class CustomDenoiserParams(_Section):
+    """A user's own, already trained denoiser (README "Analyze your own denoiser")."""
+
+    module: str = Field(
+        pattern=r"^[^:]+:[A-Za-z_][A-Za-z0-9_]*$",
+        description="where the torch module comes from: 'path/to/file.py:name' (relative to the "
+        "params file, the repo root, or absolute) or 'package.module:name'; name is an nn.Module "
+        "class or a function returning one, called with `kwargs`")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="arguments for `name`")
+    weights: str | None = Field(
+        None, description="state dict file (a plain state dict or a checkpoint with "
+        "'model_state_dict', as ldct-benchmark writes; relative like `module`); null = use the "
+        "module as built")
+    input: Literal["normalized", "hu"] = Field(
+        "normalized", description="what the module maps: 'normalized' = (HU - mean) / std of the "
+        "data set to the same units (the companion's and ldct-benchmark's convention, Mayo mean "
+        "-542.55 HU, std 502.19 HU), 'hu' = HU to HU")
+
+
 class DenoisersParams(_Section):
     """The denoisers a profile trains/uses, and their training settings."""
 
-    methods: list[Literal["cnn10", "redcnn", "wganvgg", "dugan", "gaussri"]] = Field(
-        min_length=1, description="denoisers this profile runs (gaussri needs no training)"
+    methods: list[str] = Field(
+        min_length=1, description="denoisers this profile runs: cnn10, redcnn, wganvgg, dugan, "
+        "gaussri (needs no training) or a key of `custom`"
     )
+    custom: dict[str, CustomDenoiserParams] = Field(
+        default_factory=dict, description="your own trained denoisers by name (lowercase letters, "
+        "digits, _), analyzed like the built-in ones without training")
     checkpoint_every: int = Field(ge=1, description="steps between last.pt checkpoints")
     validate_every: int = Field(ge=1, description="steps between validations (best.pt by SSIM)")
     val_slices: int = Field(ge=1, description="full validation slices in the SSIM that picks best.pt")
@@ -155,6 +182,22 @@ class DenoisersParams(_Section):
     redcnn: REDCNNTrainParams
     wganvgg: WGANVGGTrainParams
     dugan: DUGANTrainParams
+
+    @model_validator(mode="after")
+    def _check_methods(self) -> "DenoisersParams":
+        for name in self.custom:
+            if name in BUILTIN_DENOISERS or name in ("unconditional", "ld"):
+                raise ValueError(f"custom denoiser {name!r}: the name is taken; choose another")
+            if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+                raise ValueError(f"custom denoiser {name!r}: use lowercase letters, digits and _")
+        allowed = list(BUILTIN_DENOISERS) + list(self.custom)
+        unknown = [m for m in self.methods if m not in allowed]
+        if unknown:
+            raise ValueError(f"methods {unknown}: unknown denoiser; allowed values: "
+                             f"{', '.join(allowed)} (own denoisers go under denoisers.custom)")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods {self.methods}: a denoiser is listed twice")
+        return self
 
 
 class VAELossWeightParams(_Section):
@@ -270,6 +313,10 @@ class CINNParams(_Section):
         None, gt=0, description="clip the gradient norm to this value (null = no clipping, as "
         "the paper)")
     batch_size: int = Field(ge=2, description="latents per step (paper 128)")
+    pool_crops: int = Field(
+        0, ge=0, description="0 = fresh random training crops every step (the paper); N > 0 = draw "
+        "each batch from N fixed training crops whose ŷ = f(x) and q(z | x, ŷ) are computed once "
+        "(z resampled every step): a CPU saving, f(x) of RED-CNN/DU-GAN costs more than the step")
     iterations: int = Field(ge=1, description="optimizer steps (paper about 47,000)")
     checkpoint_every: int = Field(ge=1, description="steps between last.pt checkpoints")
     validate_every: int = Field(ge=1, description="steps between validations (best.pt by val NLL)")
@@ -296,6 +343,74 @@ class InvariancesParams(_Section):
         return self
 
 
+class EmbeddingParams(_Section):
+    """Learned embedding φ for s_DML (paper Sec. 2.4.2, Eq. 8): triplet loss, semi-hard mining.
+
+    Anchors are low-dose training crops x, positives invariances x̃ of the same crop, negatives
+    invariances of other crops (pooled over every denoiser of ``denoisers.methods``, sampled with
+    each denoiser's cINN and cVAE). Paper: ImageNet ResNet-50, semi-hard mining; its margin and
+    optimisation settings are in Supp. A.4, which is not available here.
+    """
+
+    backbone: Literal["resnet50", "resnet-small"] = Field(
+        description="ResNet-50 (paper, ImageNet-loadable) or a narrower ResNet of the same layout")
+    width: int = Field(64, ge=1, description="stem width (resnet-small only; resnet50: 64)")
+    layers: tuple[int, int, int, int] = Field(
+        (1, 1, 1, 1), description="bottleneck blocks per stage (resnet-small only)")
+    imagenet_weights: str | None = Field(
+        None, description="torchvision resnet50-0676ba61.pth (relative to the repo root or "
+        "absolute; RGB filters of the first conv summed to one channel); null = random "
+        "initialisation (resnet-small is always random)")
+    embed_dim: int = Field(ge=2, description="size of the (L2-normalised) embedding")
+    margin: float = Field(
+        gt=0, description="triplet margin on L2 distances of unit vectors (the paper does not "
+        "state it; our choice 0.2 follows FaceNet, Schroff et al. 2015)")
+    n_train_crops: int = Field(ge=2, description="fixed training-split crops whose invariances "
+                               "train φ")
+    n_invariances: int = Field(ge=1, description="invariances per training crop and denoiser")
+    crops_per_batch: int = Field(ge=2, description="P: crops (labels) per batch")
+    invariances_per_crop: int = Field(ge=1, description="K: invariances per crop in a batch, "
+                                      "drawn from the crop's invariances of all denoisers (at "
+                                      "most n_invariances x the number of denoisers)")
+    lr: float = Field(gt=0, description="Adam learning rate")
+    iterations: int = Field(ge=1, description="optimizer steps")
+    checkpoint_every: int = Field(ge=1, description="steps between last.pt checkpoints")
+    validate_every: int = Field(ge=1, description="steps between validations (best.pt by "
+                                "MAP@R retrieval of the inputs' own invariances)")
+    n_val_crops: int = Field(ge=2, description="fixed validation-split crops of the retrieval "
+                             "score (chance level about 1 / n_val_crops)")
+    seed: int = Field(0, description="seed of the crops and of v (training and validation sets)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "EmbeddingParams":
+        if self.imagenet_weights is not None and self.backbone != "resnet50":
+            raise ValueError("imagenet_weights needs backbone: resnet50 (resnet-small has no "
+                             "ImageNet weights); set it to null")
+        if self.crops_per_batch > self.n_train_crops:
+            raise ValueError(f"crops_per_batch {self.crops_per_batch} must be <= n_train_crops "
+                             f"{self.n_train_crops}")
+        return self
+
+
+class AnalysisParams(_Section):
+    """Invariance analysis: Table 2 and Figures 6/7 (paper Sec. 3.4)."""
+
+    reference: str = Field(
+        "redcnn", description="method tested against every other one in Table 2 (one-sided: "
+        "it has more invariances; paper: RED-CNN): a built-in denoiser or a key of "
+        "denoisers.custom")
+    quantiles: tuple[float, ...] = Field(
+        (0.125, 0.375, 0.625, 0.875), min_length=1, description="quantiles of s_VAE / s_DML "
+        "whose crops Figures 6 / 7 show (midpoints of the four quarters)")
+    batch_size: int = Field(64, ge=1, description="crops per encoder / embedding forward pass")
+
+    @model_validator(mode="after")
+    def _check(self) -> "AnalysisParams":
+        if any(not 0.0 <= q <= 1.0 for q in self.quantiles):
+            raise ValueError(f"quantiles must lie in [0, 1], got {list(self.quantiles)}")
+        return self
+
+
 class Params(_Section):
     """All parameters of one profile."""
 
@@ -306,9 +421,26 @@ class Params(_Section):
     vae: VAEParams
     cinn: CINNParams
     invariances: InvariancesParams
+    embedding: EmbeddingParams
+    analysis: AnalysisParams
+
+    @model_validator(mode="after")
+    def _check_embedding_pool(self) -> "Params":
+        pool = self.embedding.n_invariances * len(self.denoisers.methods)
+        if self.embedding.invariances_per_crop > pool:
+            raise ValueError(f"embedding.invariances_per_crop {self.embedding.invariances_per_crop} "
+                             f"must be <= embedding.n_invariances x denoisers = {pool}")
+        allowed = list(BUILTIN_DENOISERS) + list(self.denoisers.custom)
+        if self.analysis.reference not in allowed:
+            raise ValueError(f"analysis.reference {self.analysis.reference!r}: allowed values: "
+                             f"{', '.join(allowed)}")
+        return self
 
     @model_validator(mode="after")
     def _check_cinn_vs_vae(self) -> "Params":
+        if 0 < self.cinn.pool_crops < self.cinn.batch_size:
+            raise ValueError(f"cinn.pool_crops {self.cinn.pool_crops} must be 0 or >= cinn.batch_size "
+                             f"{self.cinn.batch_size}")
         size = self.vae.crop_size
         if size % 2**self.cinn.n_down:
             raise ValueError(f"cinn.n_down {self.cinn.n_down}: vae.crop_size {size} must be divisible "
@@ -380,12 +512,34 @@ def load_params(profile: str | Path = "default", overrides: dict[str, Any] | Non
 
     ``profile`` is a profile name (``smoke``, ``default``, ``paper`` or any ``params/<name>.yaml``)
     or a path to a YAML file. ``overrides`` maps dotted keys (``"data.source"``) or nested dicts
-    to values applied on top of the file, validated the same way.
+    to values applied on top of the file, validated the same way. A file may start from another
+    profile (``base: default``) and name its run folder (``run_name``); see :func:`_read_raw`.
     """
     path = profile_path(profile)
+    raw = _read_raw(path, [])
+    run_name = raw.pop("run_name", None) or path.stem
+    if not isinstance(run_name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", run_name):
+        raise ParamsError(f"{path}: run_name {run_name!r} must be a plain folder name")
+    data = _deep_update(raw, overrides or {})
+    try:
+        params = Params.model_validate(data)
+    except ValidationError as exc:
+        raise ParamsError(_format_errors(exc, str(path))) from None
+    return params.model_copy(update={"profile": run_name, "source_file": str(path)})
+
+
+def _read_raw(path: Path, chain: list[Path]) -> dict[str, Any]:
+    """A YAML file's mapping, merged over its ``base`` profile (recursively) if it names one.
+
+    Loader keys: ``base`` (a profile name or a YAML path relative to this file: start from it and
+    override only what this file sets) and ``run_name`` (the folder under ``runs/`` and
+    ``figures/``; default: the file name without suffix).
+    """
     if not path.is_file():
         names = sorted(p.stem for p in params_dir().glob("*.yaml"))
         raise ParamsError(f"no parameter file {path}; available profiles: {', '.join(names)}")
+    if path in chain:
+        raise ParamsError(f"{path}: 'base' profiles form a cycle ({' -> '.join(map(str, chain))})")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -395,12 +549,17 @@ def load_params(profile: str | Path = "default", overrides: dict[str, Any] | Non
     for reserved in ("profile", "source_file"):
         if reserved in raw:
             raise ParamsError(f"{path}: key '{reserved}' is set by the loader; remove it")
-    data = _deep_update(raw, overrides or {})
-    try:
-        params = Params.model_validate(data)
-    except ValidationError as exc:
-        raise ParamsError(_format_errors(exc, str(path))) from None
-    return params.model_copy(update={"profile": path.stem, "source_file": str(path)})
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ParamsError(f"{path}: base must be a profile name or a YAML path, got {base!r}")
+    base_path = profile_path(base)
+    if Path(base).suffix in (".yaml", ".yml") and not Path(base).expanduser().is_absolute():
+        base_path = (path.parent / Path(base).expanduser()).resolve()
+    inherited = _read_raw(base_path, [*chain, path])
+    inherited.pop("run_name", None)
+    return _deep_update(inherited, raw)
 
 
 def digest(section: BaseModel | dict[str, Any], length: int = 12) -> str:

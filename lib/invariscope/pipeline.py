@@ -32,20 +32,31 @@ class Stage:
 
     name: str
     notebook: str
+    sections: tuple[str, ...]
     per_denoiser: bool = False
     extra_runs: tuple[str, ...] = ()
 
 
+#: ``sections``: the params sections a stage reads itself; what its upstream stages read reaches
+#: its stamp through their stamps. A per-denoiser job sees only its own method's sub-section of
+#: ``denoisers`` (retuning RED-CNN does not retrain CNN-10).
 STAGES: tuple[Stage, ...] = (
-    Stage("data", "00_data.ipynb"),
-    Stage("denoiser", "01_denoiser.ipynb", per_denoiser=True),
-    Stage("table1", "01b_table1_figure3.ipynb"),
-    Stage("vae", "02_vae.ipynb", per_denoiser=True, extra_runs=("unconditional",)),
-    Stage("figure4", "02b_figure4.ipynb"),
-    Stage("cinn", "03_cinn.ipynb", per_denoiser=True),
-    Stage("invariances", "04_invariances.ipynb", per_denoiser=True),
-    Stage("figure5", "04b_figure5_controls.ipynb"),
+    Stage("data", "00_data.ipynb", ("data",)),
+    Stage("denoiser", "01_denoiser.ipynb", ("seed", "loader", "denoisers"), per_denoiser=True),
+    Stage("table1", "01b_table1_figure3.ipynb", ("seed", "loader", "denoisers")),
+    Stage("vae", "02_vae.ipynb", ("seed", "loader", "vae"), per_denoiser=True,
+          extra_runs=("unconditional",)),
+    Stage("figure4", "02b_figure4.ipynb", ("seed", "vae")),
+    Stage("cinn", "03_cinn.ipynb", ("seed", "vae", "cinn"), per_denoiser=True),
+    Stage("invariances", "04_invariances.ipynb", ("vae", "invariances"), per_denoiser=True),
+    Stage("figure5", "04b_figure5_controls.ipynb", ("invariances",)),
+    Stage("embedding", "05_embedding.ipynb", ("seed", "vae", "embedding")),
+    Stage("analysis", "06_analysis.ipynb", ("vae", "invariances", "embedding", "analysis")),
 )
+
+#: Outputs listed (and tables printed) at the end of a run.
+RESULTS = ("table1.md", "figure3.png", "figure4.png", "vae_reconstruction.csv", "figure5.png",
+           "controls.csv", "table2.md", "figure6.png", "figure7.png")
 
 
 @dataclass(frozen=True)
@@ -94,17 +105,57 @@ def plan(profile: str, data_root: str | None, only: str | None, start: str | Non
     return jobs
 
 
+def job_params(job: Job, params_dump: dict[str, Any]) -> dict[str, Any]:
+    """The part of the params a job reads itself (its stage's ``sections``)."""
+    out = {k: params_dump[k] for k in job.stage.sections if k in params_dump}
+    den = out.get("denoisers")
+    if job.stage.per_denoiser and isinstance(den, dict):
+        others = (set(den.get("methods", [])) | set(den.get("custom", {}))) - {job.denoiser}
+        out["denoisers"] = {k: v for k, v in den.items() if k not in others | {"methods", "custom"}}
+        if job.denoiser in den.get("custom", {}):
+            out["denoisers"]["custom"] = den["custom"][job.denoiser]
+    return out
+
+
 def job_stamp(job: Job, params_dump: dict[str, Any], upstream: list[str]) -> str:
-    """Everything a job's result depends on, hashed."""
+    """Everything a job's result depends on, hashed: its notebook, its params sections, its
+    papermill parameters (but the profile's name) and the stamps of the jobs upstream of it."""
     nb = repo_root() / "notebooks" / job.stage.notebook
-    return digest({"notebook": _file_sha(nb), "params": params_dump,
-                   "parameters": job.parameters, "upstream": upstream}, length=16)
+    # not the profile argument itself: the same parameters under another file name (a params file
+    # with `base: default` and `run_name: default`) must find the finished jobs
+    given = {k: v for k, v in job.parameters.items() if k != "profile"}
+    return digest({"notebook": _file_sha(nb), "params": job_params(job, params_dump),
+                   "parameters": given, "upstream": upstream}, length=16)
+
+
+def stamps(jobs: list[Job], params_dump: dict[str, Any]) -> dict[str, str]:
+    """Stamp of every job of a full plan. A per-denoiser job depends on the earlier jobs of its
+    own denoiser, of the stages' extra runs and on the data stage (not on summaries such as
+    Table 1, so adding a denoiser leaves the others' jobs alone); a once-per-profile job depends
+    on every earlier job. Keyed by :attr:`Job.label`."""
+    out: dict[str, str] = {}
+    order = [s.name for s in STAGES]
+    first_per_denoiser = min(i for i, s in enumerate(STAGES) if s.per_denoiser)
+
+    def feeds(j: Job, job: Job) -> bool:
+        if not job.stage.per_denoiser:
+            return True
+        if not j.stage.per_denoiser:
+            return order.index(j.stage.name) < first_per_denoiser
+        return j.denoiser == job.denoiser or j.denoiser in j.stage.extra_runs
+
+    for job in jobs:
+        rank = order.index(job.stage.name)
+        up = [j for j in jobs[:len(out)] if order.index(j.stage.name) < rank and feeds(j, job)]
+        out[job.label] = job_stamp(job, params_dump, [out[j.label] for j in up])
+    return out
 
 
 def run(argv: list[str] | None = None) -> int:
     """Command-line entry point (see ``./run_all.sh --help``)."""
     ap = argparse.ArgumentParser(prog="run_all.sh", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--profile", default="default", help="smoke | default | paper (default: default)")
+    ap.add_argument("--profile", default="default",
+                    help="smoke | default | paper, or a params YAML file (default: default)")
     ap.add_argument("--data", default=None, metavar="DIR",
                     help="Mayo LDCT-and-Projection-data folder (switches the data source to mayo)")
     ap.add_argument("--force", action="store_true", help="rerun stages even if up to date")
@@ -115,6 +166,10 @@ def run(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="list what would run, run nothing")
     args = ap.parse_args(argv)
 
+    if Path(args.profile).suffix in (".yaml", ".yml"):  # notebooks run in notebooks/: absolute
+        args.profile = str(Path(args.profile).expanduser().resolve())
+    if args.data:
+        args.data = str(Path(args.data).expanduser().resolve())
     overrides = {"data.source": "mayo", "data.mayo_root": args.data} if args.data else {}
     try:
         params = load_params(args.profile, overrides)
@@ -134,25 +189,62 @@ def run(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         denoisers = asked
+    # stamps come from the full plan, so --only / --from / --denoisers do not change them
+    all_stamps = stamps(plan(args.profile, args.data, None, None, list(params.denoisers.methods)),
+                        params.model_dump(mode="json"))
     jobs = plan(args.profile, args.data, args.only, args.start, denoisers)
     out_dir = ensure(run_dir(params.profile) / "notebooks")
-    params_dump = params.model_dump(mode="json")
-    stamps: list[str] = []
+    t_run = time.time()
     for job in jobs:
         out = out_dir / job.output_name
         done_file = out.with_suffix(".done.json")
-        stamp = job_stamp(job, params_dump, stamps)
-        stamps.append(stamp)
-        done = done_file.is_file() and json.loads(done_file.read_text()).get("stamp") == stamp
+        stamp = all_stamps[job.label]
+        done = _stamp_of(done_file) == stamp
         status = "up to date, skip" if done and not args.force else "run"
-        print(f"[{params.profile}] {job.label:<24} {status:<17} -> {out.relative_to(repo_root())}")
+        print(f"[{params.profile}] {job.label:<24} {status:<17} -> {out.relative_to(repo_root())}",
+              flush=True)
         if args.dry_run or (done and not args.force):
             continue
+        t0 = time.time()
         _execute(job, out)
-        atomic.write_json(done_file, {"stamp": stamp, "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+        atomic.write_json(done_file, {"stamp": stamp, "seconds": round(time.time() - t0, 1),
+                                      "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
     if not args.dry_run:
-        print(f"figures and tables: {figures_dir(params.profile).relative_to(repo_root())}/")
+        _write_timings(jobs, out_dir, params.profile)
+        print(f"\nthis run took {(time.time() - t_run) / 60:.1f} min")
+        _print_results(params.profile)
     return 0
+
+
+def _stamp_of(done_file: Path) -> str | None:
+    try:
+        return json.loads(done_file.read_text()).get("stamp")
+    except (OSError, ValueError):
+        return None
+
+
+def _write_timings(jobs: list[Job], out_dir: Path, profile: str) -> None:
+    """``runs/<profile>/timings.csv``: seconds of the last successful run of every job."""
+    rows = ["job,seconds,finished"]
+    for job in jobs:
+        f = (out_dir / job.output_name).with_suffix(".done.json")
+        if f.is_file():
+            d = json.loads(f.read_text())
+            rows.append(f"{job.label},{d.get('seconds', '')},{d.get('finished', '')}")
+    atomic.write_text(run_dir(profile) / "timings.csv", "\n".join(rows) + "\n")
+
+
+def _print_results(profile: str) -> None:
+    """Where the figures and tables are, and the tables themselves."""
+    fig_dir = figures_dir(profile)
+    print(f"figures and tables in {fig_dir.relative_to(repo_root())}/:")
+    for name in RESULTS:
+        f = fig_dir / name
+        print(f"  {'ok     ' if f.is_file() else 'missing'} {name}")
+    for name in ("table1.md", "table2.md", "vae_reconstruction.csv", "controls.csv"):
+        f = fig_dir / name
+        if f.is_file():
+            print(f"\n{name}:\n{f.read_text().rstrip()}")
 
 
 def _execute(job: Job, out: Path) -> None:

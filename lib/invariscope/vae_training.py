@@ -99,16 +99,20 @@ class TrainedVAE:
 # --------------------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------------------
-def vae_name(denoiser: str | None) -> str:
-    """Folder / report name of a VAE: the denoiser key, or ``"unconditional"`` for None."""
+def vae_name(denoiser: str | None, params: Params | None = None) -> str:
+    """Folder / report name of a VAE: the denoiser key, or ``"unconditional"`` for None.
+
+    Custom denoisers (``denoisers.custom``) are known only with ``params``.
+    """
     if denoiser is None or denoiser == UNCONDITIONAL:
         return UNCONDITIONAL
     from .denoiser_training import METHODS
 
     key = denoiser.lower()
-    if key not in METHODS:
+    custom = list(params.denoisers.custom) if params is not None else []
+    if key not in METHODS and key not in custom:
         raise ValueError(f"unknown denoiser {denoiser!r}; allowed values: None / "
-                         f"{UNCONDITIONAL!r}, {', '.join(METHODS)}")
+                         f"{UNCONDITIONAL!r}, {', '.join([*METHODS, *custom])}")
     return key
 
 
@@ -130,7 +134,7 @@ def _default_denoiser_dir(params: Params) -> Path:
 def get_denoiser(denoiser: str | None, params: Params, dataset: CTDataset,
                  denoiser_dir: str | Path | None = None) -> nn.Module | None:
     """The frozen, eval-mode denoiser that conditions a cVAE (None for the unconditional VAE)."""
-    name = vae_name(denoiser)
+    name = vae_name(denoiser, params)
     if name == UNCONDITIONAL:
         return None
     from .denoiser_training import load_denoiser
@@ -148,11 +152,15 @@ def denoiser_identity(denoiser: str | None, params: Params, dataset: CTDataset,
     ``"none"`` (unconditional), ``"gaussri"`` (no checkpoint) or ``<fingerprint>:<sha256 of the
     checkpoint file load_denoiser reads>`` (best.pt, else last.pt).
     """
-    name = vae_name(denoiser)
+    name = vae_name(denoiser, params)
     if name == UNCONDITIONAL:
         return "none"
     if name == "gaussri":
         return "gaussri"
+    if name in params.denoisers.custom:
+        from .custom import identity
+
+        return identity(name, params)
     from .denoiser_training import fingerprint as denoiser_fingerprint
 
     folder = Path(denoiser_dir or _default_denoiser_dir(params)) / name
@@ -171,7 +179,7 @@ def fingerprint(denoiser: str | None, params: Params, dataset: CTDataset,
     (name and checkpoint identity)."""
     from .denoiser_training import dataset_key
 
-    name = vae_name(denoiser)
+    name = vae_name(denoiser, params)
     payload = {"vae": params.vae.model_dump(mode="json", exclude={"iterations", "n_test_crops"}),
                "seed": params.seed, "dataset": dataset_key(dataset), "denoiser": name,
                "denoiser_identity": denoiser_identity(name, params, dataset, denoiser_dir)}
@@ -315,7 +323,7 @@ def train_vae(denoiser: str | None, params: Params, dataset: CTDataset, out_dir:
     :class:`~invariscope.training.NonFiniteLossError` keeping the last good checkpoint. Returns the
     best checkpoint (lowest validation MAE in HU) in eval mode.
     """
-    name = vae_name(denoiser)
+    name = vae_name(denoiser, params)
     cfg = params.vae
     ckpt_dir = Path(out_dir) / name
     if force:
@@ -369,7 +377,7 @@ def load_vae(denoiser: str | None, params: Params, dataset: CTDataset, out_dir: 
     :class:`~invariscope.training.CheckpointMismatchError` when its checkpoint belongs to another
     configuration or another denoiser checkpoint.
     """
-    name = vae_name(denoiser)
+    name = vae_name(denoiser, params)
     vae = build_vae(name != UNCONDITIONAL, params, load_pretrained=False)
     load_best(Path(out_dir) / name, {"vae": vae}, fingerprint(name, params, dataset, denoiser_dir))
     return vae.eval()
@@ -417,7 +425,7 @@ def write_report(report: Mapping[str, Any], out_dir: str | Path) -> Path:
 
 def read_report(name: str | None, out_dir: str | Path) -> dict[str, Any]:
     """The ``report.json`` of a VAE (``FileNotFoundError`` naming the notebook to run)."""
-    key = vae_name(name)
+    key = UNCONDITIONAL if name in (None, UNCONDITIONAL) else str(name).lower()
     path = Path(out_dir) / key / "report.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run 02_vae.ipynb with denoiser = {key!r} first "

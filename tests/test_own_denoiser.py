@@ -1,0 +1,134 @@
+"""README "Analyze your own denoiser", end to end at toy scale: a user's torch module and a
+params file are all it takes to get its Table 1 row, invariances, controls, Figure 5 and its
+Table 2 row."""
+
+from __future__ import annotations
+
+import textwrap
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_dataset
+from invariscope import analysis, cinn_training, evaluation, vae_training
+from invariscope import embedding as emb
+from invariscope import invariances as inv
+from invariscope.denoiser_training import denoise_hu, train_denoiser
+from invariscope.loader import Normalizer, fixed_crops
+from invariscope.params import load_params
+
+matplotlib.use("Agg")
+
+USER_MODULE = '''
+import torch
+from torch import nn
+
+
+class ResidualCNN(nn.Module):
+    """A user's denoiser: three convolutions, residual."""
+
+    def __init__(self, channels=8):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, channels, 3, padding=1), nn.ReLU(),
+                                  nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(),
+                                  nn.Conv2d(channels, 1, 3, padding=1))
+
+    def forward(self, x):
+        return x - self.body(x)
+'''
+
+TINY = {
+    "vae.iterations": 1, "vae.batch_size": 2, "vae.n_val_crops": 2, "vae.n_test_crops": 2,
+    "vae.checkpoint_every": 1, "vae.validate_every": 1,
+    "cinn.n_blocks": 2, "cinn.hidden": 16, "cinn.hidden_depth": 1, "cinn.base_channels": 4,
+    "cinn.cond_dim": 8, "cinn.batch_size": 4, "cinn.iterations": 2, "cinn.checkpoint_every": 2,
+    "cinn.validate_every": 2, "cinn.n_val_crops": 4, "cinn.pool_crops": 0,
+    "invariances.batch_size": 8, "invariances.chunk_crops": 4,
+    "embedding.n_train_crops": 6, "embedding.n_invariances": 2, "embedding.crops_per_batch": 3,
+    "embedding.invariances_per_crop": 2, "embedding.iterations": 2, "embedding.checkpoint_every": 2,
+    "embedding.validate_every": 2, "embedding.n_val_crops": 3, "embedding.width": 2,
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_own_denoiser_from_a_module_and_a_params_file(tmp_path):
+    # --- what the user writes: a module file, its weights, a params file
+    (tmp_path / "user_net.py").write_text(USER_MODULE)
+    ns: dict = {}
+    exec(USER_MODULE, ns)
+    torch.manual_seed(0)
+    net = ns["ResidualCNN"](channels=8)
+    torch.save({"model_state_dict": net.state_dict()}, tmp_path / "user_net.pt")
+    (tmp_path / "mine.yaml").write_text(textwrap.dedent("""\
+        base: smoke
+        denoisers:
+          methods: [gaussri, mine]
+          custom:
+            mine:
+              module: user_net.py:ResidualCNN
+              kwargs: {channels: 8}
+              weights: user_net.pt
+        analysis:
+          reference: mine
+        """))
+    params = load_params(tmp_path / "mine.yaml", TINY)
+    assert params.profile == "mine" and params.denoisers.methods == ["gaussri", "mine"]
+
+    ds = make_dataset(tmp_path / "ds", size=48)
+    norm = Normalizer.of(ds)
+    dirs = dict(denoiser_dir=tmp_path / "den", vae_dir=tmp_path / "vae")
+
+    # --- Table 1 row: the user's module, not retrained, evaluated like the built-in ones
+    trained = train_denoiser("mine", params, ds, tmp_path / "den")
+    low = np.asarray(ds.volume(ds.patients("test")[0], "low")[:1], dtype=np.float32)
+    with torch.no_grad():
+        expected = norm.to_hu(net(torch.from_numpy(norm(low))[:, None]))[:, 0].numpy()
+    assert np.allclose(denoise_hu(trained.model, low, norm), expected, atol=1e-3)
+    rows = evaluation.evaluate_on_split(ds, lambda hu: denoise_hu(trained.model, hu, norm), "test")
+    assert len(rows) == len(ds.slice_index("test")) and rows["rmse"].notna().all()
+
+    # --- its cVAE and cINN; the unconditional VAE and Gauss+RI for the comparison
+    for name in (None, "gaussri", "mine"):
+        vae_training.train_vae(name, params, ds, tmp_path / "vae", progress=False,
+                               denoiser_dir=tmp_path / "den")
+    for name in ("gaussri", "mine"):
+        cinn_training.train_cinn(name, params, ds, tmp_path / "cinn", progress=False, **dirs)
+
+    # --- invariances, controls, Figure 5
+    cfg = params.invariances
+    crops = fixed_crops(ds, "test", params.vae.crop_size, 4, cfg.seed)
+    sets = {}
+    for name in ("gaussri", "mine"):
+        f, vae = cinn_training.load_models(name, params, ds, **dirs)
+        cinn = cinn_training.load_cinn(name, params, ds, tmp_path / "cinn", **dirs)
+        common = dict(dataset=ds, crops=crops, n_invariances=3, batch_size=8, seed=0,
+                      chunk_crops=4, progress=False)
+        sets[name] = inv.sample_invariances_cached(tmp_path / "inv" / f"{name}.npz", f, vae, cinn,
+                                                   prior=False, **common)
+        prior = inv.sample_invariances_cached(tmp_path / "inv" / f"{name}_prior.npz", f, vae, None,
+                                              prior=True, **common)
+        controls = inv.control_measures(sets[name], prior)
+        assert set(inv.MEASURES) <= set(controls)
+        assert controls["input_change_hu"] > 0 and np.isfinite(controls["output_change_hu"])
+    fig = inv.figure5(sets, crop_index=0)
+    assert len(fig.axes) == 2 * 6 + 1
+
+    # --- the pooled embedding and Table 2
+    trained_emb = emb.train_embedding(params, ds, tmp_path / "emb", progress=False,
+                                      cinn_dir=tmp_path / "cinn", **dirs)
+    vae_u = vae_training.load_vae(None, params, ds, tmp_path / "vae")
+    metrics, _ = analysis.analyze(tmp_path / "inv", params.denoisers.methods, vae_u,
+                                  trained_emb.model, norm)
+    assert sorted(metrics["denoiser"].unique()) == ["gaussri", "mine"]
+    numeric, markdown = analysis.table2(metrics, reference=params.analysis.reference)
+    assert "mine" in markdown and "Gauss+RI" in markdown
+    assert {"md", "s_vae", "s_dml"} <= set(numeric["metric"])
