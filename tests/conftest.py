@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from invariscope.dataset import CTDataset, DatasetWriter
 
@@ -27,3 +28,26 @@ def make_dataset(root, slices=(2, 5, 9, 3, 4, 6), size=48, seed=0) -> CTDataset:
 @pytest.fixture
 def small_dataset(tmp_path) -> CTDataset:
     return make_dataset(tmp_path / "ds")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one thread is as fast, and far faster on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+#: Overrides of the smoke profile that make every model of the pipeline tiny (seconds per stage).
+TINY_PIPELINE = {
+    "vae.iterations": 1, "vae.batch_size": 2, "vae.n_val_crops": 2, "vae.n_test_crops": 2,
+    "vae.checkpoint_every": 1, "vae.validate_every": 1,
+    "cinn.n_blocks": 2, "cinn.hidden": 16, "cinn.hidden_depth": 1, "cinn.base_channels": 4,
+    "cinn.cond_dim": 8, "cinn.batch_size": 4, "cinn.iterations": 2, "cinn.checkpoint_every": 2,
+    "cinn.validate_every": 2, "cinn.n_val_crops": 4, "cinn.pool_crops": 0,
+    "invariances.batch_size": 8, "invariances.chunk_crops": 4,
+    "embedding.n_train_crops": 6, "embedding.n_invariances": 2, "embedding.crops_per_batch": 3,
+    "embedding.invariances_per_crop": 2, "embedding.iterations": 4, "embedding.checkpoint_every": 2,
+    "embedding.validate_every": 2, "embedding.n_val_crops": 3, "embedding.width": 2,
+}

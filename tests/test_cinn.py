@@ -21,12 +21,7 @@ from invariscope.cinn import (
 SMALL = dict(latent_dim=8, cond_size=32, cond_dim=6, base_channels=4, n_blocks=3, hidden=16)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_model(seed: int = 0, **kw) -> ConditionalINN:

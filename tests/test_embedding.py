@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from conftest import make_dataset
+from conftest import TINY_PIPELINE, make_dataset
 from invariscope import backbones
 from invariscope import cinn_training as ct
 from invariscope import embedding as emb
@@ -21,12 +21,7 @@ from invariscope.params import EmbeddingParams, ParamsError, load_params
 from invariscope.training import CheckpointMismatchError
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------ retrieval and batches
@@ -215,18 +210,7 @@ def test_sampling_without_outputs_keeps_invariances(tmp_path):
 
 
 # ------------------------------------------------------------------------ the stage end to end
-_TINY = {
-    "denoisers.methods": ["gaussri"],
-    "vae.iterations": 1, "vae.batch_size": 2, "vae.n_val_crops": 2, "vae.n_test_crops": 2,
-    "vae.checkpoint_every": 1, "vae.validate_every": 1,
-    "cinn.n_blocks": 2, "cinn.hidden": 16, "cinn.hidden_depth": 1, "cinn.base_channels": 4,
-    "cinn.cond_dim": 8, "cinn.batch_size": 4, "cinn.iterations": 2, "cinn.checkpoint_every": 2,
-    "cinn.validate_every": 2, "cinn.n_val_crops": 4, "cinn.pool_crops": 0,
-    "invariances.batch_size": 8, "invariances.chunk_crops": 4,
-    "embedding.n_train_crops": 6, "embedding.n_invariances": 2, "embedding.crops_per_batch": 3,
-    "embedding.invariances_per_crop": 2, "embedding.iterations": 4, "embedding.checkpoint_every": 2,
-    "embedding.validate_every": 2, "embedding.n_val_crops": 3, "embedding.width": 2,
-}
+_TINY = {**TINY_PIPELINE, "denoisers.methods": ["gaussri"]}
 
 
 @pytest.fixture(scope="module")

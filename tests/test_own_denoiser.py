@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_dataset
+from conftest import TINY_PIPELINE, make_dataset
 from invariscope import analysis, cinn_training, evaluation, vae_training
 from invariscope import embedding as emb
 from invariscope import invariances as inv
@@ -39,25 +39,9 @@ class ResidualCNN(nn.Module):
         return x - self.body(x)
 '''
 
-TINY = {
-    "vae.iterations": 1, "vae.batch_size": 2, "vae.n_val_crops": 2, "vae.n_test_crops": 2,
-    "vae.checkpoint_every": 1, "vae.validate_every": 1,
-    "cinn.n_blocks": 2, "cinn.hidden": 16, "cinn.hidden_depth": 1, "cinn.base_channels": 4,
-    "cinn.cond_dim": 8, "cinn.batch_size": 4, "cinn.iterations": 2, "cinn.checkpoint_every": 2,
-    "cinn.validate_every": 2, "cinn.n_val_crops": 4, "cinn.pool_crops": 0,
-    "invariances.batch_size": 8, "invariances.chunk_crops": 4,
-    "embedding.n_train_crops": 6, "embedding.n_invariances": 2, "embedding.crops_per_batch": 3,
-    "embedding.invariances_per_crop": 2, "embedding.iterations": 2, "embedding.checkpoint_every": 2,
-    "embedding.validate_every": 2, "embedding.n_val_crops": 3, "embedding.width": 2,
-}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_own_denoiser_from_a_module_and_a_params_file(tmp_path):
@@ -80,7 +64,7 @@ def test_own_denoiser_from_a_module_and_a_params_file(tmp_path):
         analysis:
           reference: mine
         """))
-    params = load_params(tmp_path / "mine.yaml", TINY)
+    params = load_params(tmp_path / "mine.yaml", TINY_PIPELINE)
     assert params.profile == "mine" and params.denoisers.methods == ["gaussri", "mine"]
 
     ds = make_dataset(tmp_path / "ds", size=48)

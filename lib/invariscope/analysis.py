@@ -18,7 +18,6 @@ is closest to the crop's mean (``rep_vae`` / ``rep_dml`` of :func:`crop_metrics`
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -145,14 +144,6 @@ def figure_crops(result: Mapping[str, np.ndarray], metrics: pd.DataFrame,
             "x_tilde": {i: np.asarray(result["x_tilde"][i]) for i in sorted(keep)}}
 
 
-def _file_sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
 def metrics_key(inv_dir: str | Path, methods: Sequence[str], checkpoints: Sequence[str | Path],
                 extra: Mapping[str, object] | None = None) -> str:
     """What the per-crop metrics depend on: the key of every invariance set, the content of the
@@ -164,8 +155,8 @@ def metrics_key(inv_dir: str | Path, methods: Sequence[str], checkpoints: Sequen
             raise FileNotFoundError(f"{path} is missing: run 04_invariances.ipynb for {name} "
                                     "first (./run_all.sh --only invariances)")
         with np.load(path, allow_pickle=False) as z:
-            sets[name] = str(z["key"]) if "key" in z.files else _file_sha(path)
-    return digest({"sets": sets, "checkpoints": [_file_sha(Path(c)) for c in checkpoints],
+            sets[name] = str(z["key"]) if "key" in z.files else atomic.file_sha(path)
+    return digest({"sets": sets, "checkpoints": [atomic.file_sha(Path(c)) for c in checkpoints],
                    "extra": dict(extra or {})}, length=16)
 
 

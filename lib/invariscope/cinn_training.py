@@ -29,7 +29,6 @@ another VAE or denoiser.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import time
 from collections.abc import Iterator
@@ -40,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import atomic
 from .cinn import ConditionalINN
 from .dataset import CTDataset
 from .params import Params, digest
@@ -105,14 +105,6 @@ def _denoiser_dir(params: Params, denoiser_dir: str | Path | None) -> Path:
     return Path(denoiser_dir) if denoiser_dir is not None else run_dir(params.profile) / "denoisers"
 
 
-def _file_sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
 def _checkpoint_file(folder: Path) -> Path:
     """The file :func:`invariscope.training.load_best` reads: best.pt, else last.pt."""
     return folder / "best.pt" if (folder / "best.pt").is_file() else folder / "last.pt"
@@ -142,7 +134,7 @@ def vae_identity(denoiser: str, params: Params, dataset: CTDataset, vae_dir: str
         raise FileNotFoundError(f"no checkpoint of the cVAE of {name} in {folder}: train it first "
                                 "(02_vae.ipynb, ./run_all.sh --only vae)")
     fp = vae_fingerprint(name, params, dataset, _denoiser_dir(params, denoiser_dir))
-    return f"{fp}:{_file_sha(path)}"
+    return f"{fp}:{atomic.file_sha(path)}"
 
 
 def fingerprint(denoiser: str, params: Params, dataset: CTDataset, vae_dir: str | Path | None = None,
@@ -170,7 +162,7 @@ def checkpoint_identity(denoiser: str, params: Params, dataset: CTDataset,
     if not path.is_file():
         raise FileNotFoundError(f"no cINN checkpoint of {name} in {folder}: train it first "
                                 "(03_cinn.ipynb, ./run_all.sh --only cinn)")
-    return f"{fingerprint(name, params, dataset, vae_dir, denoiser_dir)}:{_file_sha(path)}"
+    return f"{fingerprint(name, params, dataset, vae_dir, denoiser_dir)}:{atomic.file_sha(path)}"
 
 
 # --------------------------------------------------------------------------------------
@@ -238,7 +230,6 @@ def _latent_pool(vae: nn.Module, den: nn.Module, params: Params, dataset: CTData
     """ŷ, μ and log σ² of ``cinn.pool_crops`` fixed training crops, cached in ``latent_pool.pt``."""
     from tqdm.auto import tqdm
 
-    from . import atomic
     from .loader import CropDataset, fixed_crops
 
     n, size = params.cinn.pool_crops, params.vae.crop_size

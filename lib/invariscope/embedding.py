@@ -133,16 +133,23 @@ def embed(model: nn.Module, images_hu: np.ndarray, norm: Normalizer, batch_size:
     return res.reshape(*lead, -1)
 
 
-def retrieval_accuracy(ex: np.ndarray | torch.Tensor, einv: np.ndarray | torch.Tensor) -> float:
-    """Fraction of crops i whose most cosine-similar invariance, among the invariances of all
-    crops ``einv`` (N, M, D), belongs to crop i itself; ``ex`` (N, D). Chance level 1 / N."""
+def _similarities(ex: np.ndarray | torch.Tensor,
+                  einv: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """Cosine similarities (N, N·M) of the queries ``ex`` (N, D) against every invariance of
+    ``einv`` (N, M, D) (float64), and N, M."""
     a = torch.as_tensor(np.asarray(ex) if not isinstance(ex, torch.Tensor) else ex, dtype=torch.float64)
     b = torch.as_tensor(np.asarray(einv) if not isinstance(einv, torch.Tensor) else einv,
                         dtype=torch.float64)
     n, m = b.shape[:2]
     if a.shape[0] != n or a.ndim != 2 or b.ndim != 3:
         raise ValueError(f"expected ex (N,D) and einv (N,M,D), got {tuple(a.shape)}, {tuple(b.shape)}")
-    sim = F.normalize(a, dim=1) @ F.normalize(b.reshape(n * m, -1), dim=1).T
+    return F.normalize(a, dim=1) @ F.normalize(b.reshape(n * m, -1), dim=1).T, n, m
+
+
+def retrieval_accuracy(ex: np.ndarray | torch.Tensor, einv: np.ndarray | torch.Tensor) -> float:
+    """Fraction of crops i whose most cosine-similar invariance, among the invariances of all
+    crops ``einv`` (N, M, D), belongs to crop i itself; ``ex`` (N, D). Chance level 1 / N."""
+    sim, n, m = _similarities(ex, einv)
     owner = sim.argmax(dim=1) // m
     return float((owner == torch.arange(n)).double().mean())
 
@@ -152,13 +159,7 @@ def map_at_r(ex: np.ndarray | torch.Tensor, einv: np.ndarray | torch.Tensor) -> 
     invariances of all crops ``einv`` (N, M, D), R = M (crop i's own invariances), cosine
     similarity. 1 when every crop's own invariances rank first; about 1 / N for random ranking.
     Unlike top-1 retrieval it does not saturate when only the nearest invariance is right."""
-    a = torch.as_tensor(np.asarray(ex) if not isinstance(ex, torch.Tensor) else ex, dtype=torch.float64)
-    b = torch.as_tensor(np.asarray(einv) if not isinstance(einv, torch.Tensor) else einv,
-                        dtype=torch.float64)
-    n, m = b.shape[:2]
-    if a.shape[0] != n or a.ndim != 2 or b.ndim != 3:
-        raise ValueError(f"expected ex (N,D) and einv (N,M,D), got {tuple(a.shape)}, {tuple(b.shape)}")
-    sim = F.normalize(a, dim=1) @ F.normalize(b.reshape(n * m, -1), dim=1).T
+    sim, n, m = _similarities(ex, einv)
     top = sim.topk(m, dim=1).indices // m                         # owners of the R best, (N, R)
     rel = (top == torch.arange(n)[:, None]).double()
     precision = rel.cumsum(1) / torch.arange(1, m + 1, dtype=torch.float64)

@@ -9,7 +9,6 @@ parameters and upstream stages are unchanged since its last successful run is sk
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -77,10 +76,6 @@ class Job:
         return f"{stem}_{self.denoiser}.ipynb" if self.denoiser else f"{stem}.ipynb"
 
 
-def _file_sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-
-
 def plan(profile: str, data_root: str | None, only: str | None, start: str | None,
          denoisers: list[str]) -> list[Job]:
     """The jobs of a run, in order (per-denoiser stages once for each of their ``extra_runs``,
@@ -124,7 +119,7 @@ def job_stamp(job: Job, params_dump: dict[str, Any], upstream: list[str]) -> str
     # not the profile argument itself: the same parameters under another file name (a params file
     # with `base: default` and `run_name: default`) must find the finished jobs
     given = {k: v for k, v in job.parameters.items() if k != "profile"}
-    return digest({"notebook": _file_sha(nb), "params": job_params(job, params_dump),
+    return digest({"notebook": atomic.file_sha(nb), "params": job_params(job, params_dump),
                    "parameters": given, "upstream": upstream}, length=16)
 
 
