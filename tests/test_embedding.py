@@ -252,12 +252,18 @@ def test_stage_trains_caches_and_loads(stage, tmp_path, monkeypatch):
     loaded = emb.load_embedding(params, ds, tmp_path, **dirs)
     for k, v in trained.model.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k]), k
-    # another configuration is refused with what to run
+    assert emb.checkpoint_file(params, ds, tmp_path, **dirs).parent.name.startswith("embedding-")
+    # another configuration (other settings, or other denoisers/cINNs after adding your own
+    # denoiser) is not loaded; it names what to run, and then trains beside the old one
     other = load_params("smoke", {**_TINY, "embedding.margin": 0.5})
-    with pytest.raises(CheckpointMismatchError, match="05_embedding"):
+    with pytest.raises(FileNotFoundError, match="trained on other denoisers.*05_embedding"):
         emb.load_embedding(other, ds, tmp_path, **dirs)
-    with pytest.raises(CheckpointMismatchError, match="another configuration"):
-        emb.train_embedding(other, ds, tmp_path, progress=False, **dirs)
+    old_files = {f: f.read_bytes() for f in tmp_path.glob("embedding-*/*.pt")}
+    retrained = emb.train_embedding(other, ds, tmp_path, progress=False, **dirs)
+    assert retrained.steps == 4 and retrained.resumed_from == 0
+    assert len(list(tmp_path.glob("embedding-*/last.pt"))) == 2
+    assert all(f.read_bytes() == b for f, b in old_files.items())  # nothing lost
+    assert emb.load_embedding(other, ds, tmp_path, **dirs) is not None
 
 
 def test_stage_errors_name_what_to_run(stage, tmp_path):

@@ -44,7 +44,7 @@ from .dataset import CTDataset
 from .loader import Normalizer, fixed_crops
 from .params import EmbeddingParams, Params, digest
 from .paths import run_dir
-from .training import CheckpointMismatchError, TrainResult, load_best, train
+from .training import TrainResult, load_best, train
 from .vae import _SmallResNet, adapt_rgb_conv
 
 __all__ = [
@@ -61,6 +61,7 @@ __all__ = [
     "fit_embedding",
     "train_embedding",
     "load_embedding",
+    "checkpoint_file",
 ]
 
 _RUN = "run 05_embedding.ipynb for this profile"
@@ -359,14 +360,13 @@ def train_embedding(params: Params, dataset: CTDataset, out_dir: str | Path | No
                     denoiser_dir: str | Path | None = None) -> TrainedEmbedding:
     """Sample (or load) the training and validation sets and train (or resume, or reuse) φ.
 
-    Checkpoints in ``out_dir`` (default ``runs/<profile>/embedding``); ``force=True`` deletes them
-    and resamples the sets. Needs every denoiser's cINN (``cinn_dir``, default
+    Checkpoints in ``<out_dir>/<fingerprint>/`` (default ``out_dir``: ``runs/<profile>/embedding``):
+    another set of denoisers, cINNs or embedding settings trains beside an older embedding instead
+    of colliding with it (e.g. after adding your own denoiser). ``force=True`` deletes this
+    configuration's checkpoints and resamples the sets. Needs every denoiser's cINN (``cinn_dir``, default
     ``runs/<profile>/cinn``). Returns the best checkpoint (highest validation MAP@R).
     """
     out, cdir = _dirs(params, out_dir, cinn_dir)
-    if force:
-        for f in ("last.pt", "best.pt"):
-            (out / f).unlink(missing_ok=True)
     t0 = time.time()
     kw: dict[str, Any] = dict(out_dir=out, cinn_dir=cdir, vae_dir=vae_dir, denoiser_dir=denoiser_dir,
                               force=force, progress=progress)
@@ -374,10 +374,14 @@ def train_embedding(params: Params, dataset: CTDataset, out_dir: str | Path | No
     val_data = sample_training_data(params, dataset, "val", **kw)
     t_data = time.time() - t0
     fp = fingerprint(params, digest({"train": train_data.key, "val": val_data.key}))
+    ckpt = out / fp
+    if force:
+        for f in ("last.pt", "best.pt"):
+            (ckpt / f).unlink(missing_ok=True)
     model = build_embedder(params)
     norm = Normalizer.of(dataset)
-    result = fit_embedding(model, train_data, val_data, params.embedding, norm, out, fp, progress)
-    best_step = load_best(out, {"embedding": model}, fp)
+    result = fit_embedding(model, train_data, val_data, params.embedding, norm, ckpt, fp, progress)
+    best_step = load_best(ckpt, {"embedding": model}, fp)
     model.eval()
     top1 = retrieval_accuracy(embed(model, val_data.x, norm), embed(model, val_data.x_tilde, norm))
     return TrainedEmbedding(model, result.best_step or best_step, result.best_metric,
@@ -386,26 +390,35 @@ def train_embedding(params: Params, dataset: CTDataset, out_dir: str | Path | No
                             {"train": train_data.x_tilde.shape, "val": val_data.x_tilde.shape})
 
 
+def checkpoint_file(params: Params, dataset: CTDataset, out_dir: str | Path | None = None, *,
+                    cinn_dir: str | Path | None = None, vae_dir: str | Path | None = None,
+                    denoiser_dir: str | Path | None = None) -> Path:
+    """The checkpoint :func:`load_embedding` reads (``best.pt``, else ``last.pt``) for the current
+    denoisers, cINNs and settings; FileNotFoundError naming the notebook to run when it is missing."""
+    out, cdir = _dirs(params, out_dir, cinn_dir)
+    keys = {s: _set_key(params, _data_keys(params, dataset, s, cdir, vae_dir, denoiser_dir), s)
+            for s in ("train", "val")}
+    folder = out / fingerprint(params, digest(keys))
+    for name in ("best.pt", "last.pt"):
+        if (folder / name).is_file():
+            return folder / name
+    others = sorted(p.parent.name for p in out.glob("*/last.pt"))
+    why = (f"the embeddings there ({', '.join(others)}) were trained on other denoisers, cINNs or "
+           "settings" if others else "it was not trained yet")
+    raise FileNotFoundError(f"no embedding checkpoint in {folder}: {why}. {_RUN} "
+                            "(after 03_cinn.ipynb for every denoiser)")
+
+
 def load_embedding(params: Params, dataset: CTDataset, out_dir: str | Path | None = None, *,
                    cinn_dir: str | Path | None = None, vae_dir: str | Path | None = None,
                    denoiser_dir: str | Path | None = None) -> Embedder:
-    """The best checkpoint of the trained embedding in eval mode.
+    """The best checkpoint of the embedding trained on the current denoisers' invariances, eval mode.
 
-    Raises :class:`FileNotFoundError` when it was not trained yet and
-    :class:`~invariscope.training.CheckpointMismatchError` when it belongs to another
-    configuration or was trained on invariances of other cINN/cVAE/denoiser checkpoints.
+    Raises :class:`FileNotFoundError` (naming the notebook to run) when there is none for the
+    current denoisers, cINNs and settings (see :func:`checkpoint_file`).
     """
-    out, cdir = _dirs(params, out_dir, cinn_dir)
-    if not (out / "best.pt").is_file() and not (out / "last.pt").is_file():
-        raise FileNotFoundError(f"no embedding checkpoint in {out}: {_RUN} first "
-                                "(after 03_cinn.ipynb for every denoiser)")
-    keys = {s: _set_key(params, _data_keys(params, dataset, s, cdir, vae_dir, denoiser_dir), s)
-            for s in ("train", "val")}
-    fp = fingerprint(params, digest(keys))
+    path = checkpoint_file(params, dataset, out_dir, cinn_dir=cinn_dir, vae_dir=vae_dir,
+                           denoiser_dir=denoiser_dir)
     model = build_embedder(params, load_pretrained=False)
-    try:
-        load_best(out, {"embedding": model}, fp)
-    except CheckpointMismatchError as exc:
-        raise CheckpointMismatchError(f"{exc} The embedding is out of date: {_RUN} again "
-                                      "(force=True).") from None
+    load_best(path.parent, {"embedding": model}, path.parent.name)
     return model.eval()
