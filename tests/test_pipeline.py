@@ -134,3 +134,29 @@ def test_own_denoiser_example_dry_run_reuses_the_default_run(capsys):
     assert pipeline.run(["--profile", EXAMPLE, "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "[default] denoiser[smooth]" in out and "[default] invariances[smooth]" in out
+
+
+def test_force_reruns_from_scratch_without_changing_stamps(tmp_path, monkeypatch, capsys):
+    """--force passes force=True to notebooks that take it; the stamps stay those of a plain run."""
+    import shutil
+
+    import papermill
+
+    for d in ("params", "notebooks"):
+        shutil.copytree(repo_root() / d, tmp_path / d)
+    monkeypatch.setenv("INVARISCOPE_ROOT", str(tmp_path))
+    calls = []
+
+    def fake_execute(src, dst, parameters, **kw):
+        calls.append((src.rsplit("/", 1)[-1], dict(parameters)))
+        (tmp_path / dst).write_text("{}")
+
+    monkeypatch.setattr(papermill, "execute_notebook", fake_execute)
+    args = ["--profile", "smoke", "--from", "figure5", "--denoisers", "gaussri"]
+    assert pipeline.run(args + ["--force"]) == 0
+    forced = {nb: p.get("force") for nb, p in calls}
+    assert forced == {"04b_figure5_controls.ipynb": None, "05_embedding.ipynb": True,
+                      "06_analysis.ipynb": True}
+    calls.clear()
+    assert pipeline.run(args) == 0          # a plain run finds the forced runs up to date
+    assert calls == []

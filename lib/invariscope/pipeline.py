@@ -153,7 +153,9 @@ def run(argv: list[str] | None = None) -> int:
                     help="smoke | default | paper, or a params YAML file (default: default)")
     ap.add_argument("--data", default=None, metavar="DIR",
                     help="Mayo LDCT-and-Projection-data folder (switches the data source to mayo)")
-    ap.add_argument("--force", action="store_true", help="rerun stages even if up to date")
+    ap.add_argument("--force", action="store_true",
+                    help="rerun the selected stages even if up to date, from scratch (their "
+                    "checkpoints and caches are deleted first)")
     ap.add_argument("--only", metavar="STAGE", help="run only this stage")
     ap.add_argument("--from", dest="start", metavar="STAGE", help="start at this stage")
     ap.add_argument("--denoisers", metavar="A,B", help="comma-separated subset of the profile's "
@@ -201,7 +203,7 @@ def run(argv: list[str] | None = None) -> int:
         if args.dry_run or (done and not args.force):
             continue
         t0 = time.time()
-        _execute(job, out)
+        _execute(job, out, force=args.force)
         atomic.write_json(done_file, {"stamp": stamp, "seconds": round(time.time() - t0, 1),
                                       "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
     if not args.dry_run:
@@ -242,17 +244,31 @@ def _print_results(profile: str) -> None:
             print(f"\n{name}:\n{f.read_text().rstrip()}")
 
 
-def _execute(job: Job, out: Path) -> None:
-    """Run one notebook; on success it replaces ``out``, on failure it is kept as *.failed.ipynb."""
+def notebook_parameters(notebook: Path) -> list[str]:
+    """Names set in a notebook's ``parameters`` cell."""
+    from papermill.inspection import inspect_notebook
+
+    return list(inspect_notebook(str(notebook)))
+
+
+def _execute(job: Job, out: Path, force: bool = False) -> None:
+    """Run one notebook; on success it replaces ``out``, on failure it is kept as *.failed.ipynb.
+
+    ``force``: also pass ``force=True`` to a notebook that has that parameter (it then deletes
+    its checkpoints or caches and recomputes them from scratch).
+    """
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
     nb_dir = repo_root() / "notebooks"
     running = out.with_name(out.stem + ".running.ipynb")
     failed = out.with_name(out.stem + ".failed.ipynb")
+    parameters = dict(job.parameters)
+    if force and "force" in notebook_parameters(nb_dir / job.stage.notebook):
+        parameters["force"] = True
     try:
         pm.execute_notebook(
-            str(nb_dir / job.stage.notebook), str(running), parameters=job.parameters,
+            str(nb_dir / job.stage.notebook), str(running), parameters=parameters,
             kernel_name="python3", cwd=str(nb_dir), progress_bar=True, language="python",
         )
     except PapermillExecutionError as exc:

@@ -104,7 +104,8 @@ def load_checkpoint(path: Path, modules: Mapping[str, nn.Module], optimizers: Ma
         raise CheckpointMismatchError(
             f"checkpoint {path} was written by another configuration (fingerprint "
             f"{ckpt.get('fingerprint')!r}, this run {fingerprint!r}). Its parameters differ from the "
-            "current params file: rerun with --force (run_all.sh) / force=True, or delete the file."
+            "current params file: retrain from scratch with ./run_all.sh --force and --only / --denoisers "
+            "for that stage (the notebook's force=True), or move the file away."
         )
     for name, module in modules.items():
         if name not in ckpt["modules"]:
