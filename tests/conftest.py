@@ -51,3 +51,19 @@ TINY_PIPELINE = {
     "embedding.invariances_per_crop": 2, "embedding.iterations": 4, "embedding.checkpoint_every": 2,
     "embedding.validate_every": 2, "embedding.n_val_crops": 3, "embedding.width": 2,
 }
+
+
+def tiny_sampling_models():
+    """Gauss+RI, a small random cVAE (32² crops, latent 16) and a small cINN whose ActNorms are
+    initialized from a fixed random batch: enough to sample invariances in milliseconds."""
+    from invariscope.cinn import ConditionalINN
+    from invariscope.denoisers import GaussRI
+    from invariscope.vae import ConditionalVAE, VAEConfig
+
+    torch.manual_seed(0)
+    vae = ConditionalVAE(VAEConfig.small(crop_size=32, latent_dim=16)).eval()
+    cinn = ConditionalINN(latent_dim=16, cond_size=32, cond_dim=8, base_channels=4, n_blocks=2,
+                          hidden=16, hidden_depth=1)
+    g = torch.Generator().manual_seed(1)
+    cinn.initialize(torch.randn(16, 16, generator=g), torch.randn(16, 1, 32, 32, generator=g))
+    return GaussRI().eval(), vae, cinn.eval()

@@ -9,13 +9,12 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from conftest import TINY_PIPELINE, make_dataset
+from conftest import TINY_PIPELINE, make_dataset, tiny_sampling_models
 from invariscope import backbones
 from invariscope import cinn_training as ct
 from invariscope import embedding as emb
 from invariscope import invariances as inv
 from invariscope import vae_training
-from invariscope.denoisers import GaussRI
 from invariscope.loader import Normalizer, fixed_crops
 from invariscope.params import EmbeddingParams, ParamsError, load_params
 from invariscope.training import CheckpointMismatchError
@@ -188,20 +187,11 @@ def test_params_validation():
 # ------------------------------------------------------------------------ outputs=False sampling
 def test_sampling_without_outputs_keeps_invariances(tmp_path):
     ds = make_dataset(tmp_path / "ds", size=48)
-    from invariscope.cinn import ConditionalINN
-    from invariscope.vae import ConditionalVAE, VAEConfig
-
-    torch.manual_seed(0)
-    vae = ConditionalVAE(VAEConfig.small(crop_size=32, latent_dim=16)).eval()
-    cinn = ConditionalINN(latent_dim=16, cond_size=32, cond_dim=8, base_channels=4, n_blocks=2,
-                          hidden=16, hidden_depth=1)
-    g = torch.Generator().manual_seed(1)
-    cinn.initialize(torch.randn(8, 16, generator=g), torch.randn(8, 1, 32, 32, generator=g))
+    f, vae, cinn = tiny_sampling_models()
     crops = fixed_crops(ds, "test", 32, 3, seed=0)
-    full = inv.sample_invariances(GaussRI().eval(), vae, cinn.eval(), ds, crops, 2, 4, seed=7,
-                                  progress=False)
-    bare = inv.sample_invariances(GaussRI().eval(), vae, cinn.eval(), ds, crops, 2, 4, seed=7,
-                                  progress=False, outputs=False)
+    full = inv.sample_invariances(f, vae, cinn, ds, crops, 2, 4, seed=7, progress=False)
+    bare = inv.sample_invariances(f, vae, cinn, ds, crops, 2, 4, seed=7, progress=False,
+                                  outputs=False)
     assert np.array_equal(full["x_tilde"], bare["x_tilde"]) and np.array_equal(full["x"], bare["x"])
     assert bare["f_x_tilde"].shape == (3, 0, 32, 32)
     assert inv.invariance_key(crops, 2, 7, False) != inv.invariance_key(crops, 2, 7, False, outputs=False)

@@ -10,16 +10,14 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import make_dataset
+from conftest import make_dataset, tiny_sampling_models
 from invariscope import cinn_training as ct
 from invariscope import invariances as inv
 from invariscope import vae_training
-from invariscope.cinn import ConditionalINN
 from invariscope.denoisers import GaussRI
 from invariscope.loader import fixed_crops
 from invariscope.params import load_params
 from invariscope.training import CheckpointMismatchError
-from invariscope.vae import ConditionalVAE, VAEConfig
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -127,14 +125,9 @@ def test_check_targets():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     ds = make_dataset(tmp_path_factory.mktemp("inv") / "ds", size=48)
-    torch.manual_seed(0)
-    vae = ConditionalVAE(VAEConfig.small(crop_size=32, latent_dim=16)).eval()
-    cinn = ConditionalINN(latent_dim=16, cond_size=32, cond_dim=8, base_channels=4, n_blocks=2,
-                          hidden=16, hidden_depth=1)
-    g = torch.Generator().manual_seed(1)
-    cinn.initialize(torch.randn(16, 16, generator=g), torch.randn(16, 1, 32, 32, generator=g))
+    f, vae, cinn = tiny_sampling_models()
     crops = fixed_crops(ds, "test", 32, 5, seed=0)
-    return ds, GaussRI().eval(), vae, cinn.eval(), crops
+    return ds, f, vae, cinn, crops
 
 
 def test_sampling_shapes_determinism_and_batch_independence(tiny):

@@ -87,14 +87,9 @@ def cinn_name(denoiser: str, params: Params | None = None) -> str:
 
     Custom denoisers (``denoisers.custom``) are known only with ``params``.
     """
-    from .denoiser_training import METHODS
+    from .denoiser_training import check_name
 
-    key = str(denoiser).lower()
-    custom = list(params.denoisers.custom) if params is not None else []
-    if key not in METHODS and key not in custom:
-        raise ValueError(f"unknown denoiser {denoiser!r}; allowed values: "
-                         f"{', '.join([*METHODS, *custom])}")
-    return key
+    return check_name(denoiser, params)
 
 
 def _vae_dir(params: Params, vae_dir: str | Path | None) -> Path:

@@ -41,13 +41,16 @@ def spec(name: str, params: Params) -> CustomDenoiserParams:
 def _resolve(setting: str, params: Params, what: str) -> Path:
     """A file setting: absolute, or relative to the params file's folder, or to the repo root."""
     path = Path(setting).expanduser()
-    tried = [path] if path.is_absolute() else [
-        Path(params.source_file).parent / path if params.source_file else None, repo_root() / path]
-    for candidate in (t for t in tried if t is not None):
+    if path.is_absolute():
+        tried = [path]
+    else:
+        bases = [Path(params.source_file).parent] if params.source_file else []
+        tried = [base / path for base in [*bases, repo_root()]]
+    for candidate in tried:
         if candidate.is_file():
             return candidate.resolve()
     raise FileNotFoundError(f"{params.source_file}: {what} {setting!r} not found (looked at "
-                            f"{', '.join(str(t) for t in tried if t is not None)})")
+                            f"{', '.join(map(str, tried))})")
 
 
 def _import(module: str, params: Params) -> object:

@@ -50,7 +50,7 @@ from .denoisers import (DUGANDiscriminator, GaussRI, WGANVGGCritic, build_denois
                         sobel_gradients)
 from .loader import Normalizer
 from .metrics import ssim_lung
-from .params import Params, digest
+from .params import BUILTIN_DENOISERS, Params, digest
 from .paths import repo_root
 from .training import BatchStream, CheckpointMismatchError, load_best, train
 
@@ -64,14 +64,15 @@ __all__ = [
     "validation_slices",
     "mean_ssim",
     "fingerprint",
+    "check_name",
     "dataset_key",
     "resolve_vgg_weights",
     "cutmix_mask",
     "gradient_penalty",
 ]
 
-TRAINED_METHODS = ("cnn10", "redcnn", "wganvgg", "dugan")
-METHODS = TRAINED_METHODS + ("gaussri",)
+METHODS = BUILTIN_DENOISERS
+TRAINED_METHODS = tuple(m for m in METHODS if m != "gaussri")
 _VGG_URL = "https://download.pytorch.org/models/" + TORCHVISION_FILES["vgg19"]
 
 
@@ -91,12 +92,14 @@ class TrainedDenoiser:
 # --------------------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------------------
-def _check_name(name: str, params: Params | None = None) -> str:
-    key = name.lower()
+def check_name(name: str, params: Params | None = None, also: tuple[str, ...] = ()) -> str:
+    """``name`` lowercased if it is a built-in denoiser or (with ``params``) a key of
+    ``denoisers.custom``; ValueError listing the allowed values (``also`` first) otherwise."""
+    key = str(name).lower()
     custom = list(params.denoisers.custom) if params is not None else []
     if key not in METHODS and key not in custom:
         raise ValueError(f"unknown denoiser {name!r}; allowed values: "
-                         f"{', '.join([*METHODS, *custom])} (own denoisers: denoisers.custom)")
+                         f"{', '.join([*also, *METHODS, *custom])} (own denoisers: denoisers.custom)")
     return key
 
 
@@ -112,7 +115,7 @@ def fingerprint(name: str, params: Params, dataset: CTDataset) -> str:
     ``iterations`` is left out: no setting depends on the run length, so raising it continues a
     finished run where it stopped (a checkpoint past the requested length is refused instead).
     """
-    name = _check_name(name, params)
+    name = check_name(name, params)
     payload: dict[str, Any] = {"method": name, "seed": params.seed, "dataset": dataset_key(dataset)}
     if name in TRAINED_METHODS:
         payload["train"] = getattr(params.denoisers, name).model_dump(mode="json",
@@ -394,7 +397,7 @@ def train_denoiser(name: str, params: Params, dataset: CTDataset, out_dir: str |
     loss raises :class:`~invariscope.training.NonFiniteLossError` keeping the last good
     checkpoint. Returns the best checkpoint's model in eval mode.
     """
-    name = _check_name(name, params)
+    name = check_name(name, params)
     if name == "gaussri":
         return TrainedDenoiser(name, GaussRI().eval(), None, None, 0, 0.0, None)
     if name in params.denoisers.custom:  # the user's own, already trained denoiser
@@ -431,7 +434,7 @@ def load_denoiser(name: str, params: Params, dataset: CTDataset, out_dir: str | 
     :class:`~invariscope.training.CheckpointMismatchError` when its checkpoint belongs to another
     configuration.
     """
-    name = _check_name(name, params)
+    name = check_name(name, params)
     if name == "gaussri":
         return GaussRI().eval()
     if name in params.denoisers.custom:

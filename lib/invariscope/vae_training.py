@@ -106,14 +106,9 @@ def vae_name(denoiser: str | None, params: Params | None = None) -> str:
     """
     if denoiser is None or denoiser == UNCONDITIONAL:
         return UNCONDITIONAL
-    from .denoiser_training import METHODS
+    from .denoiser_training import check_name
 
-    key = denoiser.lower()
-    custom = list(params.denoisers.custom) if params is not None else []
-    if key not in METHODS and key not in custom:
-        raise ValueError(f"unknown denoiser {denoiser!r}; allowed values: None / "
-                         f"{UNCONDITIONAL!r}, {', '.join([*METHODS, *custom])}")
-    return key
+    return check_name(denoiser, params, also=("None", repr(UNCONDITIONAL)))
 
 
 def resolve_weights(setting: str | None) -> Path | None:
