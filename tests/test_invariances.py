@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import make_dataset, tiny_sampling_models
+from conftest import TINY_PIPELINE, make_dataset, tiny_sampling_models
 from invariscope import cinn_training as ct
 from invariscope import invariances as inv
 from invariscope import vae_training
@@ -20,12 +20,7 @@ from invariscope.params import load_params
 from invariscope.training import CheckpointMismatchError
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------ control measures
@@ -227,13 +222,7 @@ def test_figure5_draws_every_denoiser(tiny):
 
 
 # ------------------------------------------------------------------------ cINN training
-_TINY = {
-    "vae.iterations": 1, "vae.batch_size": 2, "vae.n_val_crops": 2, "vae.n_test_crops": 2,
-    "vae.checkpoint_every": 1, "vae.validate_every": 1,
-    "cinn.n_blocks": 2, "cinn.hidden": 16, "cinn.hidden_depth": 1, "cinn.base_channels": 4,
-    "cinn.cond_dim": 8, "cinn.batch_size": 4, "cinn.iterations": 4, "cinn.checkpoint_every": 2,
-    "cinn.validate_every": 2, "cinn.n_val_crops": 4, "cinn.lr": 1e-3, "cinn.pool_crops": 0,
-}
+_TINY = {**TINY_PIPELINE, "cinn.iterations": 4, "cinn.lr": 1e-3}
 
 
 @pytest.fixture(scope="module")

@@ -29,13 +29,7 @@ from invariscope.vae import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads; on a shared, loaded CPU they only lose."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(conditional: bool = True, crop: int = 32, **kw) -> VAEConfig:

@@ -58,12 +58,18 @@ METRIC_NAMES = {"md": "MD", "s_vae": "s_VAE", "s_dml": "s_DML"}
 _KEYS = ("x", "x_tilde", "crops")
 
 
-def _load_set(inv_dir: str | Path, name: str) -> dict[str, np.ndarray]:
-    """x, x̃ and crops of ``<inv_dir>/<name>.npz`` (f(x̃) is not read), checked."""
+def _set_path(inv_dir: str | Path, name: str) -> Path:
+    """``<inv_dir>/<name>.npz``; FileNotFoundError naming the notebook to run when it is missing."""
     path = Path(inv_dir) / f"{name}.npz"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run 04_invariances.ipynb for {name} first "
                                 "(./run_all.sh --only invariances)")
+    return path
+
+
+def _load_set(inv_dir: str | Path, name: str) -> dict[str, np.ndarray]:
+    """x, x̃ and crops of ``<inv_dir>/<name>.npz`` (f(x̃) is not read), checked."""
+    path = _set_path(inv_dir, name)
     with np.load(path, allow_pickle=False) as z:
         mode = str(z["mode"]) if "mode" in z.files else "cinn"
         res = {k: z[k] for k in _KEYS if k in z.files}
@@ -138,8 +144,8 @@ def figure_crops(result: Mapping[str, np.ndarray], metrics: pd.DataFrame,
     keep: set[int] = set()
     for m in ("s_vae", "s_dml"):
         if m in metrics and not metrics[m].isna().any():
-            idx = stats.quantile_indices(metrics[m].to_numpy(), quantiles)
-            keep |= {int(i) for i in metrics["crop"].to_numpy()[idx]}
+            for picks in quantile_picks(metrics, m, quantiles).values():
+                keep |= {int(i) for i in picks}
     return {"x": {i: np.asarray(result["x"][i]) for i in sorted(keep)},
             "x_tilde": {i: np.asarray(result["x_tilde"][i]) for i in sorted(keep)}}
 
@@ -150,10 +156,7 @@ def metrics_key(inv_dir: str | Path, methods: Sequence[str], checkpoints: Sequen
     ``checkpoints`` (unconditional VAE, embedding) and ``extra`` settings."""
     sets = {}
     for name in methods:
-        path = Path(inv_dir) / f"{name}.npz"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: run 04_invariances.ipynb for {name} "
-                                    "first (./run_all.sh --only invariances)")
+        path = _set_path(inv_dir, name)
         with np.load(path, allow_pickle=False) as z:
             sets[name] = str(z["key"]) if "key" in z.files else atomic.file_sha(path)
     return digest({"sets": sets, "checkpoints": [atomic.file_sha(Path(c)) for c in checkpoints],

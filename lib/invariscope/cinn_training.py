@@ -44,7 +44,7 @@ from .cinn import ConditionalINN
 from .dataset import CTDataset
 from .params import Params, digest
 from .paths import run_dir
-from .training import BatchStream, CheckpointMismatchError, load_best, train
+from .training import BatchStream, CheckpointMismatchError, best_checkpoint, load_best, train
 
 __all__ = [
     "TrainedCINN",
@@ -100,11 +100,6 @@ def _denoiser_dir(params: Params, denoiser_dir: str | Path | None) -> Path:
     return Path(denoiser_dir) if denoiser_dir is not None else run_dir(params.profile) / "denoisers"
 
 
-def _checkpoint_file(folder: Path) -> Path:
-    """The file :func:`invariscope.training.load_best` reads: best.pt, else last.pt."""
-    return folder / "best.pt" if (folder / "best.pt").is_file() else folder / "last.pt"
-
-
 def build_cinn(params: Params) -> ConditionalINN:
     """The profile's cINN (latent size and condition size from the ``vae`` section), seeded."""
     c = params.cinn
@@ -124,7 +119,7 @@ def vae_identity(denoiser: str, params: Params, dataset: CTDataset, vae_dir: str
 
     name = cinn_name(denoiser, params)
     folder = _vae_dir(params, vae_dir) / name
-    path = _checkpoint_file(folder)
+    path = best_checkpoint(folder)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint of the cVAE of {name} in {folder}: train it first "
                                 "(02_vae.ipynb, ./run_all.sh --only vae)")
@@ -153,7 +148,7 @@ def checkpoint_identity(denoiser: str, params: Params, dataset: CTDataset,
     depend on (cache key of :func:`invariscope.invariances.sample_invariances_cached`)."""
     name = cinn_name(denoiser, params)
     folder = (Path(out_dir) if out_dir is not None else run_dir(params.profile) / "cinn") / name
-    path = _checkpoint_file(folder)
+    path = best_checkpoint(folder)
     if not path.is_file():
         raise FileNotFoundError(f"no cINN checkpoint of {name} in {folder}: train it first "
                                 "(03_cinn.ipynb, ./run_all.sh --only cinn)")

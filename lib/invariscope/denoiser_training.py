@@ -96,10 +96,10 @@ def check_name(name: str, params: Params | None = None, also: tuple[str, ...] = 
     """``name`` lowercased if it is a built-in denoiser or (with ``params``) a key of
     ``denoisers.custom``; ValueError listing the allowed values (``also`` first) otherwise."""
     key = str(name).lower()
-    custom = list(params.denoisers.custom) if params is not None else []
-    if key not in METHODS and key not in custom:
+    known = params.denoisers.names if params is not None else METHODS
+    if key not in known:
         raise ValueError(f"unknown denoiser {name!r}; allowed values: "
-                         f"{', '.join([*also, *METHODS, *custom])} (own denoisers: denoisers.custom)")
+                         f"{', '.join([*also, *known])} (own denoisers: denoisers.custom)")
     return key
 
 
@@ -398,12 +398,8 @@ def train_denoiser(name: str, params: Params, dataset: CTDataset, out_dir: str |
     checkpoint. Returns the best checkpoint's model in eval mode.
     """
     name = check_name(name, params)
-    if name == "gaussri":
-        return TrainedDenoiser(name, GaussRI().eval(), None, None, 0, 0.0, None)
-    if name in params.denoisers.custom:  # the user's own, already trained denoiser
-        from .custom import build_custom
-
-        return TrainedDenoiser(name, build_custom(name, params, dataset.normalization), None, None,
+    if name not in TRAINED_METHODS:  # Gauss+RI or the user's own, already trained denoiser
+        return TrainedDenoiser(name, load_denoiser(name, params, dataset, out_dir), None, None,
                                0, 0.0, None)
     den = params.denoisers
     cfg = getattr(den, name)

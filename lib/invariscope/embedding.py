@@ -44,7 +44,7 @@ from .dataset import CTDataset
 from .loader import Normalizer, fixed_crops
 from .params import EmbeddingParams, Params, digest
 from .paths import run_dir
-from .training import TrainResult, load_best, train
+from .training import TrainResult, best_checkpoint, load_best, train
 from .vae import _SmallResNet, adapt_rgb_conv
 
 __all__ = [
@@ -219,12 +219,13 @@ def _data_keys(params: Params, dataset: CTDataset, split: str, cinn_dir: Path,
             for name in params.denoisers.methods}
 
 
-def _set_key(params: Params, keys: Mapping[str, tuple[str, list]], split: str) -> str:
+def _invariance_keys(params: Params, keys: Mapping[str, tuple[str, list]], split: str) -> dict[str, str]:
+    """Per denoiser: the cache key of its set (:func:`invariscope.invariances.invariance_key`)."""
     from .invariances import invariance_key
 
     cfg = params.embedding
-    return digest({name: invariance_key(crops, cfg.n_invariances, cfg.seed, False, split, models,
-                                        outputs=False) for name, (models, crops) in keys.items()})
+    return {name: invariance_key(crops, cfg.n_invariances, cfg.seed, False, split, models,
+                                 outputs=False) for name, (models, crops) in keys.items()}
 
 
 def _stored_key(path: Path) -> str | None:
@@ -244,15 +245,16 @@ def sample_training_data(params: Params, dataset: CTDataset, split: str = "train
     ``<out_dir>/data/<denoiser>_<split>.npz`` (default ``runs/<profile>/embedding``). A cached file
     of other crops, counts, seed or models is resampled; ``force=True`` resamples all."""
     from .cinn_training import load_cinn, load_models
-    from .invariances import invariance_key, load_invariances, sample_invariances_cached
+    from .invariances import load_invariances, sample_invariances_cached
 
     out, cdir = _dirs(params, out_dir, cinn_dir)
     cfg = params.embedding
     keys = _data_keys(params, dataset, split, cdir, vae_dir, denoiser_dir)
+    set_keys = _invariance_keys(params, keys, split)
     xs, pools, source = [], [], []
     for name, (models, crops) in keys.items():
         path = out / "data" / f"{name}_{split}.npz"
-        key = invariance_key(crops, cfg.n_invariances, cfg.seed, False, split, models, outputs=False)
+        key = set_keys[name]
         if not force and _stored_key(path) == key:  # up to date: no need to load the models
             res = load_invariances(path)
         else:
@@ -267,7 +269,7 @@ def sample_training_data(params: Params, dataset: CTDataset, split: str = "train
         source += [name] * res["x_tilde"].shape[1]
     if any(not np.array_equal(xs[0], x) for x in xs[1:]):
         raise RuntimeError("the denoisers' sets hold different crops x; resample with force=True")
-    return EmbeddingData(xs[0], np.concatenate(pools, axis=1), source, _set_key(params, keys, split))
+    return EmbeddingData(xs[0], np.concatenate(pools, axis=1), source, digest(set_keys))
 
 
 # --------------------------------------------------------------------------------------
@@ -396,12 +398,13 @@ def checkpoint_file(params: Params, dataset: CTDataset, out_dir: str | Path | No
     """The checkpoint :func:`load_embedding` reads (``best.pt``, else ``last.pt``) for the current
     denoisers, cINNs and settings; FileNotFoundError naming the notebook to run when it is missing."""
     out, cdir = _dirs(params, out_dir, cinn_dir)
-    keys = {s: _set_key(params, _data_keys(params, dataset, s, cdir, vae_dir, denoiser_dir), s)
+    keys = {s: digest(_invariance_keys(params, _data_keys(params, dataset, s, cdir, vae_dir,
+                                                          denoiser_dir), s))
             for s in ("train", "val")}
     folder = out / fingerprint(params, digest(keys))
-    for name in ("best.pt", "last.pt"):
-        if (folder / name).is_file():
-            return folder / name
+    path = best_checkpoint(folder)
+    if path.is_file():
+        return path
     others = sorted(p.parent.name for p in out.glob("*/last.pt"))
     why = (f"the embeddings there ({', '.join(others)}) were trained on other denoisers, cINNs or "
            "settings" if others else "it was not trained yet")
@@ -411,14 +414,18 @@ def checkpoint_file(params: Params, dataset: CTDataset, out_dir: str | Path | No
 
 def load_embedding(params: Params, dataset: CTDataset, out_dir: str | Path | None = None, *,
                    cinn_dir: str | Path | None = None, vae_dir: str | Path | None = None,
-                   denoiser_dir: str | Path | None = None) -> Embedder:
+                   denoiser_dir: str | Path | None = None, path: str | Path | None = None) -> Embedder:
     """The best checkpoint of the embedding trained on the current denoisers' invariances, eval mode.
 
     Raises :class:`FileNotFoundError` (naming the notebook to run) when there is none for the
-    current denoisers, cINNs and settings (see :func:`checkpoint_file`).
+    current denoisers, cINNs and settings (see :func:`checkpoint_file`). ``path``: that file,
+    when the caller already has it from :func:`checkpoint_file` (which hashes every cINN, cVAE and
+    denoiser checkpoint to find it).
     """
-    path = checkpoint_file(params, dataset, out_dir, cinn_dir=cinn_dir, vae_dir=vae_dir,
-                           denoiser_dir=denoiser_dir)
+    if path is None:
+        path = checkpoint_file(params, dataset, out_dir, cinn_dir=cinn_dir, vae_dir=vae_dir,
+                               denoiser_dir=denoiser_dir)
+    path = Path(path)
     model = build_embedder(params, load_pretrained=False)
     load_best(path.parent, {"embedding": model}, path.parent.name)
     return model.eval()

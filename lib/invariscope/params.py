@@ -183,6 +183,11 @@ class DenoisersParams(_Section):
     wganvgg: WGANVGGTrainParams
     dugan: DUGANTrainParams
 
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every denoiser a profile may name: the built-in ones, then the keys of ``custom``."""
+        return BUILTIN_DENOISERS + tuple(self.custom)
+
     @model_validator(mode="after")
     def _check_methods(self) -> "DenoisersParams":
         for name in self.custom:
@@ -190,11 +195,10 @@ class DenoisersParams(_Section):
                 raise ValueError(f"custom denoiser {name!r}: the name is taken; choose another")
             if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
                 raise ValueError(f"custom denoiser {name!r}: use lowercase letters, digits and _")
-        allowed = list(BUILTIN_DENOISERS) + list(self.custom)
-        unknown = [m for m in self.methods if m not in allowed]
+        unknown = [m for m in self.methods if m not in self.names]
         if unknown:
             raise ValueError(f"methods {unknown}: unknown denoiser; allowed values: "
-                             f"{', '.join(allowed)} (own denoisers go under denoisers.custom)")
+                             f"{', '.join(self.names)} (own denoisers go under denoisers.custom)")
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"methods {self.methods}: a denoiser is listed twice")
         return self
@@ -425,15 +429,14 @@ class Params(_Section):
     analysis: AnalysisParams
 
     @model_validator(mode="after")
-    def _check_embedding_pool(self) -> "Params":
+    def _check_embedding_and_reference(self) -> "Params":
         pool = self.embedding.n_invariances * len(self.denoisers.methods)
         if self.embedding.invariances_per_crop > pool:
             raise ValueError(f"embedding.invariances_per_crop {self.embedding.invariances_per_crop} "
                              f"must be <= embedding.n_invariances x denoisers = {pool}")
-        allowed = list(BUILTIN_DENOISERS) + list(self.denoisers.custom)
-        if self.analysis.reference not in allowed:
+        if self.analysis.reference not in self.denoisers.names:
             raise ValueError(f"analysis.reference {self.analysis.reference!r}: allowed values: "
-                             f"{', '.join(allowed)}")
+                             f"{', '.join(self.denoisers.names)}")
         return self
 
     @model_validator(mode="after")

@@ -196,7 +196,7 @@ def run(argv: list[str] | None = None) -> int:
         out = out_dir / job.output_name
         done_file = out.with_suffix(".done.json")
         stamp = all_stamps[job.label]
-        done = _stamp_of(done_file) == stamp
+        done = _done_record(done_file).get("stamp") == stamp
         status = "up to date, skip" if done and not args.force else "run"
         print(f"[{params.profile}] {job.label:<24} {status:<17} -> {out.relative_to(repo_root())}",
               flush=True)
@@ -213,20 +213,21 @@ def run(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _stamp_of(done_file: Path) -> str | None:
+def _done_record(done_file: Path) -> dict[str, Any]:
+    """A job's ``.done.json`` (stamp, seconds, finished); empty when missing or unreadable."""
     try:
-        return json.loads(done_file.read_text()).get("stamp")
+        record = json.loads(done_file.read_text())
     except (OSError, ValueError):
-        return None
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def _write_timings(jobs: list[Job], out_dir: Path, profile: str) -> None:
     """``runs/<profile>/timings.csv``: seconds of the last successful run of every job."""
     rows = ["job,seconds,finished"]
     for job in jobs:
-        f = (out_dir / job.output_name).with_suffix(".done.json")
-        if f.is_file():
-            d = json.loads(f.read_text())
+        d = _done_record((out_dir / job.output_name).with_suffix(".done.json"))
+        if d:
             rows.append(f"{job.label},{d.get('seconds', '')},{d.get('finished', '')}")
     atomic.write_text(run_dir(profile) / "timings.csv", "\n".join(rows) + "\n")
 

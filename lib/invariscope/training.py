@@ -203,12 +203,15 @@ def train(
                        seconds=time.time() - t0)
 
 
+def best_checkpoint(ckpt_dir: str | Path) -> Path:
+    """The file :func:`load_best` reads: ``best.pt``, else ``last.pt`` (which may not exist)."""
+    ckpt_dir = Path(ckpt_dir)
+    return ckpt_dir / "best.pt" if (ckpt_dir / "best.pt").is_file() else ckpt_dir / "last.pt"
+
+
 def load_best(ckpt_dir: str | Path, modules: Mapping[str, nn.Module], fingerprint: str | None) -> int:
     """Load ``best.pt`` (falling back to ``last.pt``) into ``modules``; returns its step."""
-    ckpt_dir = Path(ckpt_dir)
-    path = ckpt_dir / "best.pt"
-    if not path.is_file():
-        path = ckpt_dir / "last.pt"
+    path = best_checkpoint(ckpt_dir)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint in {ckpt_dir}: train this stage first")
     return int(load_checkpoint(path, modules, {}, fingerprint)["step"])

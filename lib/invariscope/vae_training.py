@@ -26,7 +26,6 @@ silently reused with another denoiser.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -45,7 +44,7 @@ from .loader import CropDataset, CropSpec, Normalizer, fixed_crops
 from .metrics import ssim_lung
 from .params import Params, digest
 from .paths import repo_root, run_dir
-from .training import BatchStream, CheckpointMismatchError, load_best, train
+from .training import BatchStream, CheckpointMismatchError, best_checkpoint, load_best, train
 from .vae import (ConditionalVAE, Critic, VAELossWeights, active_dimensions, build_perceptual_loss,
                   critic_loss_terms, kl_divergence, vae_loss_terms)
 
@@ -159,12 +158,11 @@ def denoiser_identity(denoiser: str | None, params: Params, dataset: CTDataset,
     from .denoiser_training import fingerprint as denoiser_fingerprint
 
     folder = Path(denoiser_dir or _default_denoiser_dir(params)) / name
-    path = folder / "best.pt" if (folder / "best.pt").is_file() else folder / "last.pt"
+    path = best_checkpoint(folder)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint of denoiser {name} in {folder}: train it first "
                                 f"(01_denoiser.ipynb, ./run_all.sh --only denoiser)")
-    sha = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    return f"{denoiser_fingerprint(name, params, dataset)}:{sha}"
+    return f"{denoiser_fingerprint(name, params, dataset)}:{atomic.file_sha(path)}"
 
 
 def fingerprint(denoiser: str | None, params: Params, dataset: CTDataset,
