@@ -44,7 +44,7 @@ from .cinn import ConditionalINN
 from .dataset import CTDataset
 from .params import Params, digest
 from .paths import run_dir
-from .training import BatchStream, CheckpointMismatchError, best_checkpoint, load_best, train
+from .training import BatchStream, best_checkpoint, load_best, train
 
 __all__ = [
     "TrainedCINN",

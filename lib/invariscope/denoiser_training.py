@@ -52,7 +52,7 @@ from .loader import Normalizer
 from .metrics import ssim_lung
 from .params import BUILTIN_DENOISERS, Params, digest
 from .paths import repo_root
-from .training import BatchStream, CheckpointMismatchError, load_best, train
+from .training import BatchStream, load_best, train
 
 __all__ = [
     "TRAINED_METHODS",

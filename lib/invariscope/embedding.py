@@ -345,11 +345,10 @@ def fit_embedding(model: Embedder, train_data: EmbeddingData, val_data: Embeddin
         for step in itertools.count(start):
             yield batch_indices(n, pool, p_, k_, cfg.seed, step)
 
-    validate = None
-    if val_data is not None:
-        def validate() -> float:
-            return map_at_r(embed(model, val_data.x, norm), embed(model, val_data.x_tilde, norm))
+    def map_at_r_val() -> float:
+        return map_at_r(embed(model, val_data.x, norm), embed(model, val_data.x_tilde, norm))
 
+    validate = map_at_r_val if val_data is not None else None
     return train(step_fn, batches, cfg.iterations, ckpt_dir, {"embedding": model},
                  {"embedding": opt}, fp, seed=cfg.seed, checkpoint_every=cfg.checkpoint_every,
                  validate_fn=validate, validate_every=cfg.validate_every, higher_is_better=True,

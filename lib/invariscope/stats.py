@@ -324,7 +324,7 @@ def table2(
                   colalign=["left"] + ["right"] * len(metrics))
     ref_label = labels.get(reference, reference)
     note = (
-        f"\n\nMean ± SD over crops (n per method: "
+        "\n\nMean ± SD over crops (n per method: "
         + ", ".join(f"{labels.get(m, m)} {int(df.loc[df.method == m, 'n'].max())}"
                     for m in samples if (df.method == m).any())
         + "). Bold: most invariances per metric (highest MD, lowest s_VAE / s_DML). "

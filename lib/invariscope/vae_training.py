@@ -44,7 +44,7 @@ from .loader import CropDataset, CropSpec, Normalizer, fixed_crops
 from .metrics import ssim_lung
 from .params import Params, digest
 from .paths import repo_root, run_dir
-from .training import BatchStream, CheckpointMismatchError, best_checkpoint, load_best, train
+from .training import BatchStream, best_checkpoint, load_best, train
 from .vae import (ConditionalVAE, Critic, VAELossWeights, active_dimensions, build_perceptual_loss,
                   critic_loss_terms, kl_divergence, vae_loss_terms)
 
