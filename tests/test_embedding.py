@@ -242,7 +242,10 @@ def test_stage_trains_caches_and_loads(stage, tmp_path, monkeypatch):
     loaded = emb.load_embedding(params, ds, tmp_path, **dirs)
     for k, v in trained.model.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k]), k
-    assert emb.checkpoint_file(params, ds, tmp_path, **dirs).parent.name.startswith("embedding-")
+    ckpt = emb.checkpoint_file(params, ds, tmp_path, **dirs)
+    assert ckpt.parent.name.startswith("embedding-")
+    with pytest.raises(FileNotFoundError, match="05_embedding"):
+        emb.load_embedding(params, ds, tmp_path, path=ckpt.parent / "missing.pt", **dirs)
     # another configuration (other settings, or other denoisers/cINNs after adding your own
     # denoiser) is not loaded; it names what to run, and then trains beside the old one
     other = load_params("smoke", {**_TINY, "embedding.margin": 0.5})

@@ -44,7 +44,7 @@ from .dataset import CTDataset
 from .loader import Normalizer, fixed_crops
 from .params import EmbeddingParams, Params, digest
 from .paths import run_dir
-from .training import TrainResult, best_checkpoint, load_best, train
+from .training import TrainResult, best_checkpoint, load_best, load_checkpoint, train
 from .vae import _SmallResNet, adapt_rgb_conv
 
 __all__ = [
@@ -425,6 +425,8 @@ def load_embedding(params: Params, dataset: CTDataset, out_dir: str | Path | Non
         path = checkpoint_file(params, dataset, out_dir, cinn_dir=cinn_dir, vae_dir=vae_dir,
                                denoiser_dir=denoiser_dir)
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no embedding checkpoint {path}: {_RUN}")
     model = build_embedder(params, load_pretrained=False)
-    load_best(path.parent, {"embedding": model}, path.parent.name)
+    load_checkpoint(path, {"embedding": model}, {}, path.parent.name)  # this file, not its folder's best
     return model.eval()
