@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from invariscope.training import (BatchStream, CheckpointMismatchError, NonFiniteLossError,
-                                  load_best, train)
+                                  existing_checkpoint, load_best, train)
 
 
 def _setup(small_dataset, lr=1e-2):
@@ -87,6 +87,12 @@ def test_best_checkpoint_follows_validation(small_dataset, tmp_path):
                 checkpoint_every=2, validate_fn=lambda: next(scores), progress=False)
     assert res.best_step == 4 and res.best_metric == 0.9
     assert load_best(tmp_path, {"m": model}, "fp") == 4
+    assert existing_checkpoint(tmp_path, "m", "run it") == tmp_path / "best.pt"
+    (tmp_path / "best.pt").unlink()
+    assert existing_checkpoint(tmp_path, "m", "run it") == tmp_path / "last.pt"
+    (tmp_path / "last.pt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint of m in .*: train it first \(run it\)"):
+        existing_checkpoint(tmp_path, "m", "run it")
 
 
 def test_batch_stream_is_addressable_by_step(small_dataset):

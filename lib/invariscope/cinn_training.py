@@ -44,7 +44,7 @@ from .cinn import ConditionalINN
 from .dataset import CTDataset
 from .params import Params, digest
 from .paths import run_dir
-from .training import BatchStream, best_checkpoint, load_best, train
+from .training import BatchStream, existing_checkpoint, load_best, train
 
 __all__ = [
     "TrainedCINN",
@@ -119,10 +119,7 @@ def vae_identity(denoiser: str, params: Params, dataset: CTDataset, vae_dir: str
 
     name = cinn_name(denoiser, params)
     folder = _vae_dir(params, vae_dir) / name
-    path = best_checkpoint(folder)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint of the cVAE of {name} in {folder}: train it first "
-                                "(02_vae.ipynb, ./run_all.sh --only vae)")
+    path = existing_checkpoint(folder, f"the cVAE of {name}", "02_vae.ipynb, ./run_all.sh --only vae")
     fp = vae_fingerprint(name, params, dataset, _denoiser_dir(params, denoiser_dir))
     return f"{fp}:{atomic.file_sha(path)}"
 
@@ -148,10 +145,7 @@ def checkpoint_identity(denoiser: str, params: Params, dataset: CTDataset,
     depend on (cache key of :func:`invariscope.invariances.sample_invariances_cached`)."""
     name = cinn_name(denoiser, params)
     folder = (Path(out_dir) if out_dir is not None else run_dir(params.profile) / "cinn") / name
-    path = best_checkpoint(folder)
-    if not path.is_file():
-        raise FileNotFoundError(f"no cINN checkpoint of {name} in {folder}: train it first "
-                                "(03_cinn.ipynb, ./run_all.sh --only cinn)")
+    path = existing_checkpoint(folder, f"the cINN of {name}", "03_cinn.ipynb, ./run_all.sh --only cinn")
     return f"{fingerprint(name, params, dataset, vae_dir, denoiser_dir)}:{atomic.file_sha(path)}"
 
 

@@ -209,6 +209,15 @@ def best_checkpoint(ckpt_dir: str | Path) -> Path:
     return ckpt_dir / "best.pt" if (ckpt_dir / "best.pt").is_file() else ckpt_dir / "last.pt"
 
 
+def existing_checkpoint(ckpt_dir: str | Path, what: str, how: str) -> Path:
+    """:func:`best_checkpoint` of ``ckpt_dir``; FileNotFoundError ("no checkpoint of ``what`` in
+    ``ckpt_dir``: train it first (``how``)") when neither file exists."""
+    path = best_checkpoint(ckpt_dir)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint of {what} in {ckpt_dir}: train it first ({how})")
+    return path
+
+
 def load_best(ckpt_dir: str | Path, modules: Mapping[str, nn.Module], fingerprint: str | None) -> int:
     """Load ``best.pt`` (falling back to ``last.pt``) into ``modules``; returns its step."""
     path = best_checkpoint(ckpt_dir)

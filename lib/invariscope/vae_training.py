@@ -44,7 +44,7 @@ from .loader import CropDataset, CropSpec, Normalizer, fixed_crops
 from .metrics import ssim_lung
 from .params import Params, digest
 from .paths import repo_root, run_dir
-from .training import BatchStream, best_checkpoint, load_best, train
+from .training import BatchStream, existing_checkpoint, load_best, train
 from .vae import (ConditionalVAE, Critic, VAELossWeights, active_dimensions, build_perceptual_loss,
                   critic_loss_terms, kl_divergence, vae_loss_terms)
 
@@ -158,10 +158,8 @@ def denoiser_identity(denoiser: str | None, params: Params, dataset: CTDataset,
     from .denoiser_training import fingerprint as denoiser_fingerprint
 
     folder = Path(denoiser_dir or _default_denoiser_dir(params)) / name
-    path = best_checkpoint(folder)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint of denoiser {name} in {folder}: train it first "
-                                f"(01_denoiser.ipynb, ./run_all.sh --only denoiser)")
+    path = existing_checkpoint(folder, f"denoiser {name}",
+                               "01_denoiser.ipynb, ./run_all.sh --only denoiser")
     return f"{denoiser_fingerprint(name, params, dataset)}:{atomic.file_sha(path)}"
 
 
