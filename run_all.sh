@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Run the pipeline's notebooks with papermill for one profile.
-#   ./run_all.sh [--profile smoke|default|paper] [--data /path/to/LDCT-and-Projection-data] [--force]
-#                [--dry-run]
+#   ./run_all.sh [--profile smoke|default|paper|FILE.yaml] [--data DIR] [--only STAGE]
+#                [--from STAGE] [--denoisers a,b] [--force] [--dry-run]
+# Relative FILE.yaml and DIR paths are taken from the directory you run it in.
 # Executed notebooks go to runs/<profile>/notebooks/, figures and tables to figures/<profile>/.
 set -euo pipefail
+export INVARISCOPE_CALLER_CWD="$PWD"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$ROOT/scripts/setup_env.sh"
 cd "$ROOT"

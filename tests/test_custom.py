@@ -42,6 +42,8 @@ def _write_profile(tmp_path, entry: str, methods: str = "[cnn10, gaussri, mine]"
     text = textwrap.dedent(f"""\
         base: smoke
         run_name: {run_name}
+        analysis:
+          reference: gaussri
         denoisers:
           methods: {methods}
           custom:

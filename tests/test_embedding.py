@@ -171,8 +171,14 @@ def test_params_validation():
     with pytest.raises(ParamsError, match="embedding.invariances_per_crop 11 must be <= .* 10"):
         load_params("smoke", {"embedding.invariances_per_crop": 11})   # 2 x 5 denoisers
     assert load_params("smoke", {"embedding.invariances_per_crop": 10}).embedding.invariances_per_crop == 10
-    with pytest.raises(ParamsError, match="analysis.reference 'unet': allowed values: cnn10, redcnn"):
+    with pytest.raises(ParamsError, match="analysis.reference 'unet' is not in denoisers.methods; "
+                       "set it to one of cnn10, redcnn") as e:
         load_params("smoke", {"analysis.reference": "unet"})
+    assert "(got" not in str(e.value), "a cross-field error names its keys, not the whole section"
+    with pytest.raises(ParamsError, match="analysis.reference 'redcnn' is not in denoisers.methods"):
+        load_params("smoke", {"denoisers.methods": ["cnn10", "gaussri"]})  # checked at load, not late
+    assert load_params("smoke", {"denoisers.methods": ["cnn10", "gaussri"],
+                                 "analysis.reference": "cnn10"}).analysis.reference == "cnn10"
     with pytest.raises(ValueError, match="imagenet_weights needs backbone"):
         _toy_cfg(imagenet_weights="x.pth")
     from invariscope import stats
@@ -200,7 +206,7 @@ def test_sampling_without_outputs_keeps_invariances(tmp_path):
 
 
 # ------------------------------------------------------------------------ the stage end to end
-_TINY = {**TINY_PIPELINE, "denoisers.methods": ["gaussri"]}
+_TINY = {**TINY_PIPELINE, "denoisers.methods": ["gaussri"], "analysis.reference": "gaussri"}
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ def test_profiles_load(profile):
 def test_paper_profile_uses_paper_values():
     p = load_params("paper")
     assert p.data.source == "mayo"
-    assert p.loader.crop_size == 128
+    assert p.vae.crop_size == 128
     assert p.seed == 1332
 
 
@@ -48,13 +48,13 @@ def test_bad_literal_lists_allowed_values(tmp_path):
 def test_out_of_range_and_missing(tmp_path):
     def mutate(r):
         r["data"]["simulation"]["dose_fraction"] = 1.5
-        del r["loader"]["crop_size"]
+        del r["vae"]["crop_size"]
 
     with pytest.raises(ParamsError) as e:
         load_params(_write(tmp_path, mutate))
     msg = str(e.value)
     assert "data.simulation.dose_fraction" in msg and "less than or equal to 1" in msg
-    assert "loader.crop_size: required key is missing" in msg
+    assert "vae.crop_size: required key is missing" in msg
 
 
 def test_slices_range_checked(tmp_path):

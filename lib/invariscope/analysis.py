@@ -237,7 +237,7 @@ def quantile_picks(metrics: pd.DataFrame, metric: str,
 def quantile_figure(results: Mapping[str, Mapping[str, np.ndarray]], metrics: pd.DataFrame,
                     metric: str = "s_vae", quantiles: Sequence[float] = stats.DEFAULT_QUANTILES,
                     window: tuple[float, float] = plotting.LUNG_WINDOW, figure: int | None = None,
-                    cell_inches: float = 1.5):
+                    cell_inches: float = 1.5) -> plotting.Figure:
     """Figure 6 (``metric="s_vae"``) / 7 (``"s_dml"``): per denoiser (rows) the crops at the
     ``quantiles`` of ``metric`` (left to right: increasing similarity), each as x and the
     invariance x̃ closest to the crop's mean similarity, in ``window`` (C, W) HU.

@@ -12,6 +12,7 @@ Both end as the same on-disk format (:mod:`invariscope.dataset`).
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,7 @@ def simulate_patient(
 
 def build_simulated_cohort(data: DataParams, root: Path | None = None, progress: bool = True) -> CTDataset:
     """Build the simulated cohort (or return the cached one); resumes an interrupted build."""
-    root = root or data_dir() / "simulated" / simulation_key(data)
+    root = root or simulated_root(data)
     if (root / "manifest.json").is_file():
         return CTDataset(root)
     sp = data.split
@@ -93,10 +94,28 @@ def import_key(data: DataParams) -> str:
                    "on_error": data.on_error, "format": 1})
 
 
-def prepare_dataset(params: Params, progress: bool = True) -> CTDataset:
-    """The dataset of a profile: the cached simulated cohort, or the imported Mayo data."""
+def simulated_root(data: DataParams) -> Path:
+    """The cache folder of a simulated cohort: ``data/simulated/<simulation key>``."""
+    return data_dir() / "simulated" / simulation_key(data)
+
+
+def _remove_cache(root: Path) -> None:
+    """Delete a dataset cache folder (only one this package wrote: it lies under ``data/``)."""
+    if root.exists():
+        if data_dir().resolve() not in root.resolve().parents:
+            raise DatasetError(f"refusing to delete {root}: not a dataset cache under {data_dir()}")
+        shutil.rmtree(root)
+
+
+def prepare_dataset(params: Params, progress: bool = True, force: bool = False) -> CTDataset:
+    """The dataset of a profile: the cached simulated cohort, or the imported Mayo data.
+
+    ``force``: rebuild the cache (simulate again, or import the DICOM tree again).
+    """
     data = params.data
     if data.source == "simulated":
+        if force:
+            _remove_cache(simulated_root(data))
         return build_simulated_cohort(data, progress=progress)
     from .mayo import import_mayo  # pydicom is only needed for real data
 
@@ -108,6 +127,8 @@ def prepare_dataset(params: Params, progress: bool = True) -> CTDataset:
         )
 
     root = data_dir() / "mayo" / import_key(data)
+    if force:
+        _remove_cache(root)
     if (root / "manifest.json").is_file():
         return CTDataset(root)
     return import_mayo(Path(data.mayo_root).expanduser(), root, on_error=data.on_error,

@@ -114,7 +114,7 @@ def pick_examples(dataset: CTDataset, crop: int, seed: int, split: str = "test")
 
 
 def figure3(dataset: CTDataset, denoisers: Mapping[str, Denoise], examples: Sequence[dict],
-            window: tuple[float, float] = plotting.LUNG_WINDOW):
+            window: tuple[float, float] = plotting.LUNG_WINDOW) -> plotting.Figure:
     """HD, LD and every denoiser (columns) for each example: full slice row, zoomed-crop row."""
     images, row_labels = [], []
     for ex in examples:

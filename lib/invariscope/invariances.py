@@ -436,7 +436,7 @@ def check_targets(table: pd.DataFrame, min_ratio: float = 10.0, max_output_fract
 def figure5(results_by_denoiser: Mapping[str, Mapping[str, np.ndarray]], crop_index: int,
             n_show: int = 3, window: tuple[float, float] = plotting.LUNG_WINDOW,
             sd_range: tuple[float, float] = (0.0, 300.0), square: int | None = 30,
-            cell_inches: float = 1.8):
+            cell_inches: float = 1.8) -> plotting.Figure:
     """Figure 5: per denoiser (rows) x, y, ``n_show`` invariances and the per-pixel SD over all
     invariances (raw) of crop ``crop_index``. CT images in ``window`` (C, W), SD in ``sd_range``
     HU; ``square``: outline the centred square of the controls on the SD panels (None: none)."""

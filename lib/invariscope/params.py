@@ -74,10 +74,10 @@ class DataParams(_Section):
 
 
 class LoaderParams(_Section):
-    """Random crops for training; patient-weighted sampling."""
+    """Data loading of the training streams (crop sizes are set per stage: ``patch_size``,
+    ``vae.crop_size``)."""
 
-    crop_size: int = Field(ge=16, le=1024)
-    num_workers: int = Field(0, ge=0)
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0: load in the main process)")
 
 
 class _DenoiserTrainParams(_Section):
@@ -434,9 +434,10 @@ class Params(_Section):
         if self.embedding.invariances_per_crop > pool:
             raise ValueError(f"embedding.invariances_per_crop {self.embedding.invariances_per_crop} "
                              f"must be <= embedding.n_invariances x denoisers = {pool}")
-        if self.analysis.reference not in self.denoisers.names:
-            raise ValueError(f"analysis.reference {self.analysis.reference!r}: allowed values: "
-                             f"{', '.join(self.denoisers.names)}")
+        if self.analysis.reference not in self.denoisers.methods:
+            raise ValueError(f"analysis.reference {self.analysis.reference!r} is not in denoisers.methods; "
+                             f"set it to one of {', '.join(self.denoisers.methods)} (the method Table 2 "
+                             "tests against the others)")
         return self
 
     @model_validator(mode="after")
@@ -483,6 +484,13 @@ def _format_errors(err: ValidationError, source: str) -> str:
             msg = "unknown key" + (f"; allowed keys here: {', '.join(allowed)}" if allowed else "")
         elif e["type"] == "missing":
             msg = "required key is missing"
+        elif e["type"] == "value_error":
+            # a check of the section at `key` (none: the top level); its message names the keys
+            # and values concerned, so the whole section is not dumped after it
+            msg = msg.removeprefix("Value error, ")
+            if not e["loc"]:
+                lines.append(f"  - {msg}")
+                continue
         else:
             msg = f"{msg} (got {e.get('input')!r})"
         lines.append(f"  - {key}: {msg}")

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import atomic
-from .params import ParamsError, digest, load_params
+from .params import Params, ParamsError, digest, load_params
 from .paths import ensure, figures_dir, repo_root, run_dir
 
 
@@ -112,22 +114,41 @@ def job_params(job: Job, params_dump: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def job_stamp(job: Job, params_dump: dict[str, Any], upstream: list[str]) -> str:
+def job_stamp(job: Job, params_dump: dict[str, Any], upstream: list[str],
+              identity: str | None = None) -> str:
     """Everything a job's result depends on, hashed: its notebook, its params sections, its
-    papermill parameters (but the profile's name) and the stamps of the jobs upstream of it."""
+    papermill parameters (but the profile's name), the stamps of the jobs upstream of it and,
+    when given, its denoiser's ``identity`` (a custom method's module file and weights)."""
     nb = repo_root() / "notebooks" / job.stage.notebook
     # not the profile argument itself: the same parameters under another file name (a params file
     # with `base: default` and `run_name: default`) must find the finished jobs
     given = {k: v for k, v in job.parameters.items() if k != "profile"}
-    return digest({"notebook": atomic.file_sha(nb), "params": job_params(job, params_dump),
-                   "parameters": given, "upstream": upstream}, length=16)
+    parts = {"notebook": atomic.file_sha(nb), "params": job_params(job, params_dump),
+             "parameters": given, "upstream": upstream}
+    if identity is not None:  # only then: built-in methods keep the stamps of finished runs
+        parts["identity"] = identity
+    return digest(parts, length=16)
 
 
-def stamps(jobs: list[Job], params_dump: dict[str, Any]) -> dict[str, str]:
+def custom_identities(params: Params) -> dict[str, str]:
+    """:func:`invariscope.custom.identity` of every custom method of ``denoisers.methods``
+    (FileNotFoundError when its module file or weights are missing)."""
+    names = [d for d in params.denoisers.methods if d in params.denoisers.custom]
+    if not names:
+        return {}
+    from .custom import identity  # imports torch: only when there are custom methods
+
+    return {d: identity(d, params) for d in names}
+
+
+def stamps(jobs: list[Job], params_dump: dict[str, Any],
+           identities: Mapping[str, str] | None = None) -> dict[str, str]:
     """Stamp of every job of a full plan. A per-denoiser job depends on the earlier jobs of its
     own denoiser, of the stages' extra runs and on the data stage (not on summaries such as
     Table 1, so adding a denoiser leaves the others' jobs alone); a once-per-profile job depends
-    on every earlier job. Keyed by :attr:`Job.label`."""
+    on every earlier job. ``identities``: per denoiser, what else its jobs depend on (see
+    :func:`custom_identities`). Keyed by :attr:`Job.label`."""
+    identities = identities or {}
     out: dict[str, str] = {}
     order = [s.name for s in STAGES]
     first_per_denoiser = min(i for i, s in enumerate(STAGES) if s.per_denoiser)
@@ -142,8 +163,16 @@ def stamps(jobs: list[Job], params_dump: dict[str, Any]) -> dict[str, str]:
     for job in jobs:
         rank = order.index(job.stage.name)
         up = [j for j in jobs[:len(out)] if order.index(j.stage.name) < rank and feeds(j, job)]
-        out[job.label] = job_stamp(job, params_dump, [out[j.label] for j in up])
+        identity = identities.get(job.denoiser) if job.stage.per_denoiser else None
+        out[job.label] = job_stamp(job, params_dump, [out[j.label] for j in up], identity)
     return out
+
+
+def caller_path(path: str) -> str:
+    """``path`` made absolute against the caller's working directory (``run_all.sh`` changes
+    into the repo root and passes the caller's in ``$INVARISCOPE_CALLER_CWD``)."""
+    cwd = Path(os.environ.get("INVARISCOPE_CALLER_CWD") or Path.cwd())
+    return str((cwd / Path(path).expanduser()).resolve())
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -155,7 +184,8 @@ def run(argv: list[str] | None = None) -> int:
                     help="Mayo LDCT-and-Projection-data folder (switches the data source to mayo)")
     ap.add_argument("--force", action="store_true",
                     help="rerun the selected stages even if up to date, from scratch (their "
-                    "checkpoints and caches are deleted first)")
+                    "checkpoints and caches are deleted first); with --denoisers, a stage's shared "
+                    "extra runs (the unconditional VAE) rerun only when out of date")
     ap.add_argument("--only", metavar="STAGE", help="run only this stage")
     ap.add_argument("--from", dest="start", metavar="STAGE", help="start at this stage")
     ap.add_argument("--denoisers", metavar="A,B", help="comma-separated subset of the profile's "
@@ -164,9 +194,9 @@ def run(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     if Path(args.profile).suffix in (".yaml", ".yml"):  # notebooks run in notebooks/: absolute
-        args.profile = str(Path(args.profile).expanduser().resolve())
+        args.profile = caller_path(args.profile)
     if args.data:
-        args.data = str(Path(args.data).expanduser().resolve())
+        args.data = caller_path(args.data)
     overrides = {"data.source": "mayo", "data.mayo_root": args.data} if args.data else {}
     try:
         params = load_params(args.profile, overrides)
@@ -186,31 +216,45 @@ def run(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         denoisers = asked
+    try:
+        identities = custom_identities(params)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     # stamps come from the full plan, so --only / --from / --denoisers do not change them
-    all_stamps = stamps(plan(args.profile, args.data, None, None, list(params.denoisers.methods)),
-                        params.model_dump(mode="json"))
+    full = plan(args.profile, args.data, None, None, list(params.denoisers.methods))
+    all_stamps = stamps(full, params.model_dump(mode="json"), identities)
     jobs = plan(args.profile, args.data, args.only, args.start, denoisers)
-    out_dir = ensure(run_dir(params.profile) / "notebooks")
+    out_dir = run_dir(params.profile) / "notebooks"
+    if not args.dry_run:  # a dry run creates nothing
+        ensure(out_dir)
     t_run = time.time()
     for job in jobs:
         out = out_dir / job.output_name
         done_file = out.with_suffix(".done.json")
         stamp = all_stamps[job.label]
         done = _done_record(done_file).get("stamp") == stamp
-        status = "up to date, skip" if done and not args.force else "run"
+        force = _forced(job, args.force, bool(args.denoisers))
+        status = "up to date, skip" if done and not force else "run"
         print(f"[{params.profile}] {job.label:<24} {status:<17} -> {out.relative_to(repo_root())}",
               flush=True)
-        if args.dry_run or (done and not args.force):
+        if args.dry_run or (done and not force):
             continue
         t0 = time.time()
-        _execute(job, out, force=args.force)
+        _execute(job, out, force=force)
         atomic.write_json(done_file, {"stamp": stamp, "seconds": round(time.time() - t0, 1),
                                       "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
     if not args.dry_run:
-        _write_timings(jobs, out_dir, params.profile)
+        _write_timings(full, out_dir, params.profile)
         print(f"\nthis run took {(time.time() - t_run) / 60:.1f} min")
         _print_results(params.profile)
     return 0
+
+
+def _forced(job: Job, force: bool, subset: bool) -> bool:
+    """Whether ``--force`` reruns ``job``: not a stage's extra run (the unconditional VAE every
+    method shares) when ``--denoisers`` picks a subset; that one reruns only when stale."""
+    return force and not (subset and job.denoiser in job.stage.extra_runs)
 
 
 def _done_record(done_file: Path) -> dict[str, Any]:
@@ -223,7 +267,8 @@ def _done_record(done_file: Path) -> dict[str, Any]:
 
 
 def _write_timings(jobs: list[Job], out_dir: Path, profile: str) -> None:
-    """``runs/<profile>/timings.csv``: seconds of the last successful run of every job."""
+    """``runs/<profile>/timings.csv``: seconds of the last successful run of every job of
+    ``jobs`` (the full plan, whatever this run selected) that has finished once."""
     rows = ["job,seconds,finished"]
     for job in jobs:
         d = _done_record((out_dir / job.output_name).with_suffix(".done.json"))

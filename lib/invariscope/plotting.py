@@ -7,6 +7,7 @@ from typing import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure
 
 # (center, width) in HU
 LUNG_WINDOW = (-600.0, 1500.0)
@@ -26,7 +27,7 @@ def image_grid(
     cmaps: Sequence[str] | str = "gray",
     cell_inches: float = 2.0,
     title: str | None = None,
-) -> plt.Figure:
+) -> Figure:
     """A grid of images in HU; ``windows``/``cmaps`` per row or one for all. None = empty cell."""
     n_rows, n_cols = len(images), max(len(r) for r in images)
     if isinstance(windows, tuple) and len(windows) == 2 and np.isscalar(windows[0]):
@@ -56,7 +57,7 @@ def image_grid(
     return fig
 
 
-def save(fig: plt.Figure, path: str | Path, dpi: int = 120) -> Path:
+def save(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
     """Save a figure (PNG), creating the folder, and return the path."""
     from .atomic import atomic_path
 

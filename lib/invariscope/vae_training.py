@@ -456,7 +456,8 @@ def figure4_crops(dataset: CTDataset, examples: Sequence[Mapping[str, Any]],
 
 def figure4(dataset: CTDataset, examples: Sequence[Mapping[str, Any]],
             rows: Mapping[str, tuple[ConditionalVAE, nn.Module | None]],
-            window: tuple[float, float] = plotting.LUNG_WINDOW, cell_inches: float = 1.9):
+            window: tuple[float, float] = plotting.LUNG_WINDOW,
+            cell_inches: float = 1.9) -> plotting.Figure:
     """Figure 4: rows HD, LD and each VAE's reconstruction of LD (``rows``: label -> (vae,
     denoiser or None)); columns: the Figure 3 examples, cropped to the VAEs' crop size around the
     centre of each zoom crop. Lung window; the caption gives C/W."""

@@ -1,0 +1,42 @@
+"""The dataset cache of a profile: reused, rebuilt on request (``force``), never deleted elsewhere."""
+
+import numpy as np
+import pytest
+
+from invariscope import cohort
+from invariscope.dataset import DatasetError
+from invariscope.params import load_params
+
+TINY = {"data.split": {"train": 1, "val": 1, "test": 1}, "data.simulation.image_size": 64,
+        "data.simulation.n_views": 60, "data.simulation.slices_per_patient": [1, 1]}
+
+
+@pytest.fixture
+def params(tmp_path, monkeypatch):
+    monkeypatch.setenv("INVARISCOPE_DATA", str(tmp_path / "data"))
+    return load_params("smoke", TINY)
+
+
+def test_force_rebuilds_the_cached_cohort(params):
+    ds = cohort.prepare_dataset(params, progress=False)
+    root = cohort.simulated_root(params.data)
+    assert ds.root == root and (root / "manifest.json").is_file()
+    pid = ds.patients("test")[0]
+    before = ds.volume(pid, "low").copy()
+    marker = root / "stale.txt"
+    marker.write_text("left by an older simulator")
+
+    cohort.prepare_dataset(params, progress=False)  # cached: reused as it is
+    assert marker.is_file()
+
+    again = cohort.prepare_dataset(params, progress=False, force=True)
+    assert not marker.exists() and (root / "manifest.json").is_file()
+    assert np.array_equal(again.volume(pid, "low"), before)  # same seeds, same cohort
+
+
+def test_cache_removal_stays_inside_the_data_folder(params, tmp_path):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    with pytest.raises(DatasetError, match="refusing to delete"):
+        cohort._remove_cache(outside)
+    assert outside.is_dir()
