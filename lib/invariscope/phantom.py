@@ -40,6 +40,8 @@ __all__ = [
 
 SUPERSAMPLE = 2
 AIR_HU = -1000.0
+#: A shape on the supersampled grid: the slices of its bounding box and its mask inside them.
+Shape = tuple[tuple[slice, slice], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -424,6 +426,7 @@ class _Canvas:
         self.img = np.full((self.n, self.n), AIR_HU, dtype=np.float32)
 
     def box(self, cx: float, cy: float, rx: float, ry: float) -> tuple[slice, slice] | None:
+        """Row and column slices of the grid cells the box (centre, half-widths, mm) touches."""
         c0 = max(0, int(math.floor((cx - rx + self.half) / self.g - 0.5)))
         c1 = min(self.n, int(math.ceil((cx + rx + self.half) / self.g + 0.5)) + 1)
         r0 = max(0, int(math.floor((cy - ry + self.half) / self.g - 0.5)))
@@ -466,6 +469,7 @@ class _Canvas:
     def capsule(
         self, x0: float, y0: float, x1: float, y1: float, r: float
     ) -> tuple[tuple[slice, slice], np.ndarray] | None:
+        """Points within ``r`` of the segment (x0, y0)-(x1, y1)."""
         if r <= 0:
             return None
         sl = self.box((x0 + x1) / 2, (y0 + y1) / 2, abs(x1 - x0) / 2 + r, abs(y1 - y0) / 2 + r)
@@ -478,7 +482,8 @@ class _Canvas:
         dx, dy = px - t * vx, py - t * vy
         return sl, dx * dx + dy * dy <= r * r
 
-    def paint(self, shape, value, where: np.ndarray | None = None) -> None:
+    def paint(self, shape: Shape | None, value: float | np.ndarray,
+              where: np.ndarray | None = None) -> None:
         """Set ``value`` (scalar, or full-size array) inside ``shape`` (optionally ∧ ``where``)."""
         if shape is None:
             return
@@ -491,13 +496,15 @@ class _Canvas:
         else:
             sub[m] = value[sl][m]
 
-    def full_mask(self, shape) -> np.ndarray:
+    def full_mask(self, shape: Shape | None) -> np.ndarray:
+        """A shape's mask on the whole grid."""
         out = np.zeros((self.n, self.n), dtype=bool)
         if shape is not None:
             out[shape[0]] = shape[1]
         return out
 
     def downsample(self) -> np.ndarray:
+        """The image averaged over ``SUPERSAMPLE``² blocks: the phantom at its output size."""
         s = SUPERSAMPLE
         rows = self.img[0::s].copy()
         for k in range(1, s):
