@@ -1,5 +1,7 @@
 """The dataset cache of a profile: reused, rebuilt on request (``force``), never deleted elsewhere."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -40,3 +42,13 @@ def test_cache_removal_stays_inside_the_data_folder(params, tmp_path):
     with pytest.raises(DatasetError, match="refusing to delete"):
         cohort._remove_cache(outside)
     assert outside.is_dir()
+
+
+def test_relative_mayo_root_is_taken_from_the_repo_root(params):
+    from invariscope.paths import repo_root
+
+    rel = params.data.model_copy(update={"source": "mayo", "mayo_root": "data/LDCT"})
+    assert cohort.mayo_root(rel) == (repo_root() / "data" / "LDCT").resolve()
+    absolute = rel.model_copy(update={"mayo_root": "/srv/LDCT"})
+    assert cohort.mayo_root(absolute) == Path("/srv/LDCT").resolve()
+    assert cohort.import_key(rel) != cohort.import_key(absolute)

@@ -311,3 +311,24 @@ def test_force_reruns_from_scratch_without_changing_stamps(fake_root):
     calls.clear()
     assert pipeline.run(args) == 0          # a plain run finds the forced runs up to date
     assert calls == []
+
+
+def test_missing_weights_stop_a_run_before_it_starts(fake_root, tmp_path, capsys):
+    """A weights file that a selected stage would load but that is missing stops the run at once
+    (a dry run warns); stages that load no weights are not held up."""
+    root, calls = fake_root
+    prof = tmp_path / "w.yaml"
+    prof.write_text("base: smoke\nrun_name: smoke\nvae:\n  vgg16_weights: data/weights/none.pth\n")
+    assert pipeline.run(["--profile", str(prof), "--from", "vae"]) == 2
+    err = capsys.readouterr().err
+    assert "vae.vgg16_weights = 'data/weights/none.pth': no file" in err and calls == []
+    assert pipeline.run(["--profile", str(prof), "--dry-run"]) == 0
+    assert "warning: a run would stop here" in capsys.readouterr().err
+    assert pipeline.run(["--profile", str(prof), "--only", "data"]) == 0
+    assert [nb for nb, _ in calls] == ["00_data.ipynb"]
+    (root / "data" / "weights").mkdir(parents=True)
+    (root / "data" / "weights" / "none.pth").write_bytes(b"")
+    from invariscope.params import load_params
+
+    jobs = pipeline.plan("smoke", None, "vae", None, ["gaussri"])
+    assert pipeline.missing_weights(jobs, load_params(str(prof))) == []

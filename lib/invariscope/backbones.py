@@ -215,8 +215,11 @@ def _download_hint(module: nn.Module, params_key: str | None) -> str:
         return f"Provide a torchvision ImageNet state-dict file for {type(module).__name__} and {where}."
     return (
         f"Download the torchvision ImageNet weights of {arch} ({fname}) from {_URL}{fname} "
-        f"on a machine with internet access, copy it to this machine (e.g. into the "
-        f"repository's git-ignored weights/ folder: weights/{fname}) and {where}."
+        f"on a machine with internet access, copy it to this machine (the paper profile expects "
+        f"data/weights/{fname} in the repository, a git-ignored folder; relative paths are taken "
+        f"from the repository root) and {where}, or set that parameter to null to use randomly "
+        "initialized weights instead (not the paper's; the run records that no pretrained "
+        "weights were loaded)."
     )
 
 

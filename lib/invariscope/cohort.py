@@ -23,7 +23,7 @@ from . import ctsim, phantom
 from .dataset import CTDataset, DatasetError, DatasetWriter
 from .metrics import rmse_hu
 from .params import DataParams, Params, SimulationParams, digest
-from .paths import data_dir
+from .paths import data_dir, repo_root
 
 def assign_splits(n_train: int, n_val: int, n_test: int, seed: int) -> list[str]:
     """Split labels for patients 0..n-1: a seeded permutation, 35/10/5 in the paper."""
@@ -88,9 +88,16 @@ def build_simulated_cohort(data: DataParams, root: Path | None = None, progress:
     return writer.finalize(normalization=None)
 
 
+def mayo_root(data: DataParams) -> Path:
+    """``data.mayo_root`` as an absolute path; a relative setting is taken from the repository
+    root (like the weights files), whatever folder a notebook runs in."""
+    path = Path(str(data.mayo_root)).expanduser()
+    return (path if path.is_absolute() else repo_root() / path).resolve()
+
+
 def import_key(data: DataParams) -> str:
     """Cache key of an imported Mayo tree."""
-    return digest({"root": str(Path(data.mayo_root).expanduser().resolve()),
+    return digest({"root": str(mayo_root(data)),
                    "on_error": data.on_error, "format": 1})
 
 
@@ -131,7 +138,7 @@ def prepare_dataset(params: Params, progress: bool = True, force: bool = False) 
         _remove_cache(root)
     if (root / "manifest.json").is_file():
         return CTDataset(root)
-    return import_mayo(Path(data.mayo_root).expanduser(), root, on_error=data.on_error,
+    return import_mayo(mayo_root(data), root, on_error=data.on_error,
                        progress=progress)
 
 

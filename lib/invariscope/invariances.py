@@ -436,10 +436,13 @@ def check_targets(table: pd.DataFrame, min_ratio: float = 10.0, max_output_fract
 def figure5(results_by_denoiser: Mapping[str, Mapping[str, np.ndarray]], crop_index: int,
             n_show: int = 3, window: tuple[float, float] = plotting.LUNG_WINDOW,
             sd_range: tuple[float, float] = (0.0, 300.0), square: int | None = 30,
-            cell_inches: float = 1.8) -> plotting.Figure:
+            cell_inches: float = 1.8, crop_label: int | str | None = None) -> plotting.Figure:
     """Figure 5: per denoiser (rows) x, y, ``n_show`` invariances and the per-pixel SD over all
     invariances (raw) of crop ``crop_index``. CT images in ``window`` (C, W), SD in ``sd_range``
-    HU; ``square``: outline the centred square of the controls on the SD panels (None: none)."""
+    HU; ``square``: outline the centred square of the controls on the SD panels (None: none).
+    ``crop_label``: the crop's name in the caption (default ``crop_index``; pass the test crop's
+    own index when the results were sliced first). A row named ``"prior ablation"`` holds
+    decoded z ~ N(0, I), and the caption says so."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
@@ -488,8 +491,10 @@ def figure5(results_by_denoiser: Mapping[str, Mapping[str, np.ndarray]], crop_in
     cax = fig.add_axes((0.915, bottom, 0.015, top - bottom))
     fig.colorbar(im, cax=cax, label="SD over invariances (HU)")
     c, w = window
-    fig.text(0.47, 0.0, f"Figure 5. Crop {crop_index}: low dose x, full dose y, {n_show} invariances "
-             f"x̃ = D(t⁻¹(v | f(x)), f(x)) and the per-pixel SD over invariances per denoiser. "
+    label = crop_index if crop_label is None else crop_label
+    prior = " (prior ablation row: x̃ = D(v, f(x)), no cINN)" if "prior ablation" in names else ""
+    fig.text(0.47, 0.0, f"Figure 5. Crop {label}: low dose x, full dose y, {n_show} invariances "
+             f"x̃ = D(t⁻¹(v | f(x)), f(x)){prior} and the per-pixel SD over invariances per denoiser. "
              f"CT images C = {c:.0f} HU, W = {w:.0f} HU; SD {sd_range[0]:.0f}–{sd_range[1]:.0f} HU "
              "(dashed: the centred square of the controls).",
              ha="center", va="top", fontsize=7, wrap=True)

@@ -64,7 +64,8 @@ class DataParams(_Section):
     """Which cohort to use and how to split it."""
 
     source: Literal["simulated", "mayo"] = "simulated"
-    mayo_root: str | None = Field(None, description="path to LDCT-and-Projection-data")
+    mayo_root: str | None = Field(None, description="path to LDCT-and-Projection-data (relative: "
+                                  "to the repository root; --data: to the caller's folder)")
     on_error: Literal["raise", "skip"] = Field(
         "raise", description="bad DICOM input: stop with an error, or skip it and record it"
     )

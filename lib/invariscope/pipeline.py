@@ -168,6 +168,31 @@ def stamps(jobs: list[Job], params_dump: dict[str, Any],
     return out
 
 
+#: Pretrained-weights settings, per stage that loads them (``denoiser``: only WGAN-VGG's job).
+WEIGHT_KEYS: dict[str, tuple[str, ...]] = {
+    "denoiser": ("denoisers.vgg_weights",),
+    "vae": ("vae.imagenet_weights", "vae.vgg16_weights"),
+    "embedding": ("embedding.imagenet_weights",),
+}
+
+
+def missing_weights(jobs: list[Job], params: Params) -> list[str]:
+    """``key = 'setting': no file PATH`` for every weights file that a job of ``jobs`` would load
+    and that is not there (relative settings: to the repo root), so a long run stops at the
+    start rather than days in."""
+    from .vae_training import resolve_weights
+
+    out = []
+    for key in dict.fromkeys(k for j in jobs for k in WEIGHT_KEYS.get(j.stage.name, ())
+                             if j.stage.name != "denoiser" or j.denoiser == "wganvgg"):
+        section, name = key.split(".")
+        setting = getattr(getattr(params, section), name)
+        path = resolve_weights(setting)
+        if path is not None and not path.is_file():
+            out.append(f"{key} = {setting!r}: no file {path}")
+    return out
+
+
 def caller_path(path: str) -> str:
     """``path`` made absolute against the caller's working directory (``run_all.sh`` changes
     into the repo root and passes the caller's in ``$INVARISCOPE_CALLER_CWD``)."""
@@ -228,6 +253,20 @@ def run(argv: list[str] | None = None) -> int:
     out_dir = run_dir(params.profile) / "notebooks"
     if not args.dry_run:  # a dry run creates nothing
         ensure(out_dir)
+    pending = [j for j in jobs if _forced(j, args.force, bool(args.denoisers))
+               or _done_record((out_dir / j.output_name).with_suffix(".done.json")).get("stamp")
+               != all_stamps[j.label]]
+    missing = missing_weights(pending, params)
+    if missing:
+        lines = "\n  ".join(missing)
+        hint = (f"copy torchvision's files there (README, 'Paper scale on a GPU box'), or set these "
+                f"keys in {params.source_file} to where the files are, or to null (random weights, "
+                "not the paper's)")
+        if not args.dry_run:
+            print(f"error: pretrained weights missing:\n  {lines}\n{hint}", file=sys.stderr)
+            return 2
+        print(f"warning: a run would stop here, pretrained weights missing:\n  {lines}\n{hint}",
+              file=sys.stderr)
     t_run = time.time()
     for job in jobs:
         out = out_dir / job.output_name
