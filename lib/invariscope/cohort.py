@@ -23,7 +23,7 @@ from . import ctsim, phantom
 from .dataset import CTDataset, DatasetError, DatasetWriter
 from .metrics import rmse_hu
 from .params import DataParams, Params, SimulationParams, digest
-from .paths import data_dir, repo_root
+from .paths import data_dir, from_repo_root
 
 def assign_splits(n_train: int, n_val: int, n_test: int, seed: int) -> list[str]:
     """Split labels for patients 0..n-1: a seeded permutation, 35/10/5 in the paper."""
@@ -91,8 +91,7 @@ def build_simulated_cohort(data: DataParams, root: Path | None = None, progress:
 def mayo_root(data: DataParams) -> Path:
     """``data.mayo_root`` as an absolute path; a relative setting is taken from the repository
     root (like the weights files), whatever folder a notebook runs in."""
-    path = Path(str(data.mayo_root)).expanduser()
-    return (path if path.is_absolute() else repo_root() / path).resolve()
+    return from_repo_root(str(data.mayo_root)).resolve()
 
 
 def import_key(data: DataParams) -> str:

@@ -51,7 +51,7 @@ from .denoisers import (DUGANDiscriminator, GaussRI, WGANVGGCritic, build_denois
 from .loader import Normalizer
 from .metrics import ssim_lung
 from .params import BUILTIN_DENOISERS, Params, digest
-from .paths import repo_root
+from .paths import from_repo_root
 from .training import BatchStream, load_best, train
 
 __all__ = [
@@ -138,9 +138,7 @@ def resolve_vgg_weights(params: Params) -> Path | None:
     setting = params.denoisers.vgg_weights
     if setting is None:
         return None
-    path = Path(setting).expanduser()
-    if not path.is_absolute():
-        path = repo_root() / path
+    path = from_repo_root(setting)
     if not path.is_file():
         where = params.source_file or f"params/{params.profile or '<profile>'}.yaml"
         raise FileNotFoundError(

@@ -25,6 +25,13 @@ def repo_root() -> Path:
     return root
 
 
+def from_repo_root(setting: str | os.PathLike[str]) -> Path:
+    """A path setting: ``~`` expanded, a relative one taken from the repository root (not from
+    the folder a notebook or script runs in)."""
+    path = Path(setting).expanduser()
+    return path if path.is_absolute() else repo_root() / path
+
+
 def params_dir() -> Path:
     """Folder of the profile YAML files."""
     return repo_root() / "params"

@@ -20,7 +20,7 @@ from typing import Any
 
 from . import atomic
 from .params import Params, ParamsError, digest, load_params
-from .paths import ensure, figures_dir, repo_root, run_dir
+from .paths import ensure, figures_dir, from_repo_root, repo_root, run_dir
 
 
 @dataclass(frozen=True)
@@ -180,15 +180,12 @@ def missing_weights(jobs: list[Job], params: Params) -> list[str]:
     """``key = 'setting': no file PATH`` for every weights file that a job of ``jobs`` would load
     and that is not there (relative settings: to the repo root), so a long run stops at the
     start rather than days in."""
-    from .vae_training import resolve_weights
-
     out = []
     for key in dict.fromkeys(k for j in jobs for k in WEIGHT_KEYS.get(j.stage.name, ())
                              if j.stage.name != "denoiser" or j.denoiser == "wganvgg"):
         section, name = key.split(".")
         setting = getattr(getattr(params, section), name)
-        path = resolve_weights(setting)
-        if path is not None and not path.is_file():
+        if setting is not None and not (path := from_repo_root(setting)).is_file():
             out.append(f"{key} = {setting!r}: no file {path}")
     return out
 
@@ -253,10 +250,11 @@ def run(argv: list[str] | None = None) -> int:
     out_dir = run_dir(params.profile) / "notebooks"
     if not args.dry_run:  # a dry run creates nothing
         ensure(out_dir)
-    pending = [j for j in jobs if _forced(j, args.force, bool(args.denoisers))
-               or _done_record((out_dir / j.output_name).with_suffix(".done.json")).get("stamp")
-               != all_stamps[j.label]]
-    missing = missing_weights(pending, params)
+    # per job: rerun it (forced, or its last successful run had another stamp)?
+    forced = {j.label: _forced(j, args.force, bool(args.denoisers)) for j in jobs}
+    rerun = {j.label: forced[j.label] or _done_record(_done_file(out_dir, j)).get("stamp")
+             != all_stamps[j.label] for j in jobs}
+    missing = missing_weights([j for j in jobs if rerun[j.label]], params)
     if missing:
         lines = "\n  ".join(missing)
         hint = (f"copy torchvision's files there (README, 'Paper scale on a GPU box'), or set these "
@@ -270,19 +268,16 @@ def run(argv: list[str] | None = None) -> int:
     t_run = time.time()
     for job in jobs:
         out = out_dir / job.output_name
-        done_file = out.with_suffix(".done.json")
-        stamp = all_stamps[job.label]
-        done = _done_record(done_file).get("stamp") == stamp
-        force = _forced(job, args.force, bool(args.denoisers))
-        status = "up to date, skip" if done and not force else "run"
+        status = "run" if rerun[job.label] else "up to date, skip"
         print(f"[{params.profile}] {job.label:<24} {status:<17} -> {out.relative_to(repo_root())}",
               flush=True)
-        if args.dry_run or (done and not force):
+        if args.dry_run or not rerun[job.label]:
             continue
         t0 = time.time()
-        _execute(job, out, force=force)
-        atomic.write_json(done_file, {"stamp": stamp, "seconds": round(time.time() - t0, 1),
-                                      "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+        _execute(job, out, force=forced[job.label])
+        atomic.write_json(_done_file(out_dir, job),
+                          {"stamp": all_stamps[job.label], "seconds": round(time.time() - t0, 1),
+                           "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
     if not args.dry_run:
         _write_timings(full, out_dir, params.profile)
         print(f"\nthis run took {(time.time() - t_run) / 60:.1f} min")
@@ -294,6 +289,11 @@ def _forced(job: Job, force: bool, subset: bool) -> bool:
     """Whether ``--force`` reruns ``job``: not a stage's extra run (the unconditional VAE every
     method shares) when ``--denoisers`` picks a subset; that one reruns only when stale."""
     return force and not (subset and job.denoiser in job.stage.extra_runs)
+
+
+def _done_file(out_dir: Path, job: Job) -> Path:
+    """Where a job's last successful run is recorded (beside its executed notebook)."""
+    return (out_dir / job.output_name).with_suffix(".done.json")
 
 
 def _done_record(done_file: Path) -> dict[str, Any]:
@@ -310,7 +310,7 @@ def _write_timings(jobs: list[Job], out_dir: Path, profile: str) -> None:
     ``jobs`` (the full plan, whatever this run selected) that has finished once."""
     rows = ["job,seconds,finished"]
     for job in jobs:
-        d = _done_record((out_dir / job.output_name).with_suffix(".done.json"))
+        d = _done_record(_done_file(out_dir, job))
         if d:
             rows.append(f"{job.label},{d.get('seconds', '')},{d.get('finished', '')}")
     atomic.write_text(run_dir(profile) / "timings.csv", "\n".join(rows) + "\n")

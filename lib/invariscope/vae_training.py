@@ -43,7 +43,7 @@ from .dataset import CTDataset
 from .loader import CropDataset, CropSpec, Normalizer, fixed_crops
 from .metrics import ssim_lung
 from .params import Params, digest
-from .paths import repo_root, run_dir
+from .paths import from_repo_root, run_dir
 from .training import BatchStream, existing_checkpoint, load_best, train
 from .vae import (ConditionalVAE, Critic, VAELossWeights, active_dimensions, build_perceptual_loss,
                   critic_loss_terms, kl_divergence, vae_loss_terms)
@@ -115,10 +115,7 @@ def resolve_weights(setting: str | None) -> Path | None:
 
     Existence is checked where the file is loaded, with a message on how to obtain it.
     """
-    if setting is None:
-        return None
-    path = Path(setting).expanduser()
-    return path if path.is_absolute() else repo_root() / path
+    return None if setting is None else from_repo_root(setting)
 
 
 def _default_denoiser_dir(params: Params) -> Path:
