@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from . import atomic, plotting, stats
+from .device import module_device
 from .embedding import embed
 from .loader import Normalizer
 from .params import digest
@@ -114,7 +115,9 @@ def crop_metrics(result: Mapping[str, np.ndarray], vae: nn.Module, embedder: nn.
     def enc(a: torch.Tensor) -> torch.Tensor:
         return vae.encode(a)[0]
 
-    cos_vae = stats.cosine_similarity(embed(enc, x, norm, batch_size), embed(enc, xt, norm, batch_size))
+    dev = module_device(vae)
+    cos_vae = stats.cosine_similarity(embed(enc, x, norm, batch_size, dev),
+                                      embed(enc, xt, norm, batch_size, dev))
     s_vae = cos_vae.mean(-1)
     if embedder is not None:
         cos_dml = stats.cosine_similarity(embed(embedder, x, norm, batch_size),

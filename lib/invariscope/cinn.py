@@ -303,10 +303,16 @@ class ConditionalINN(nn.Module):
 
     # -------------------------------------------------------------- sampling
     def sample_embedded(self, cond: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """``n`` latents per condition row: (B, n, D), v ~ N(0, I), z̃ = t⁻¹(v | ŷ)."""
+        """``n`` latents per condition row: (B, n, D), v ~ N(0, I), z̃ = t⁻¹(v | ŷ).
+
+        v is drawn on the ``generator``'s device (None: on the condition's) and moved to the
+        condition's, so a CPU generator gives the same v on every device.
+        """
         self._require_initialized()
         b = cond.shape[0]
-        v = torch.randn(b * n, self.latent_dim, generator=generator, device=cond.device, dtype=cond.dtype)
+        where = generator.device if generator is not None else cond.device
+        v = torch.randn(b * n, self.latent_dim, generator=generator, device=where,
+                        dtype=cond.dtype).to(cond.device)
         z = self.inverse_embedded(v, cond.repeat_interleave(n, dim=0))
         return z.view(b, n, self.latent_dim)
 

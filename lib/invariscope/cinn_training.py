@@ -40,8 +40,10 @@ import torch
 from torch import nn
 
 from . import atomic
+from . import device as devices
 from .cinn import ConditionalINN
 from .dataset import CTDataset
+from .device import module_device
 from .params import Params, digest
 from .paths import run_dir
 from .training import BatchStream, existing_checkpoint, load_best, train
@@ -159,17 +161,20 @@ def encode_latents(vae: nn.Module, denoiser: nn.Module, x: torch.Tensor,
     """``(z, ŷ)`` for normalized crops x ``(B, 1, c, c)``: ŷ = f(x), z ~ q(z | x, ŷ).
 
     The reparameterisation noise comes from ``generator`` (None: the global torch RNG, as
-    :meth:`ConditionalVAE.reparameterize`). Both networks should be in eval mode.
+    :meth:`ConditionalVAE.reparameterize`), drawn on its device and moved. Both networks should
+    be in eval mode; x is moved to the cVAE's device, and so are the results.
     """
+    dev = module_device(vae)
     zs, ys = [], []
     for i in range(0, len(x), batch_size):
-        xb = x[i:i + batch_size]
+        xb = x[i:i + batch_size].to(dev)
         y_hat = denoiser(xb)
         mu, logvar = vae.encode(xb, y_hat)
         if generator is None:
             z = vae.reparameterize(mu, logvar)
         else:
-            eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
+            eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype,
+                              device=generator.device).to(mu.device)
             z = mu + torch.exp(0.5 * logvar) * eps
         zs.append(z)
         ys.append(y_hat)
@@ -184,7 +189,8 @@ def _frozen(module: nn.Module) -> nn.Module:
 
 def load_models(denoiser: str, params: Params, dataset: CTDataset, vae_dir: str | Path | None = None,
                 denoiser_dir: str | Path | None = None) -> tuple[nn.Module, nn.Module]:
-    """The frozen, eval-mode ``(denoiser, cVAE)`` a denoiser's cINN is trained on / samples with."""
+    """The frozen, eval-mode ``(denoiser, cVAE)`` a denoiser's cINN is trained on / samples with,
+    on the profile's device."""
     from .vae_training import get_denoiser, load_vae
 
     name = cinn_name(denoiser, params)
@@ -217,12 +223,13 @@ def _latent_pool(vae: nn.Module, den: nn.Module, params: Params, dataset: CTData
     from .loader import CropDataset, fixed_crops
 
     n, size = params.cinn.pool_crops, params.vae.crop_size
+    dev = module_device(vae)
     path = ckpt_dir / "latent_pool.pt"
     if path.is_file():
         try:
             cached = torch.load(path, map_location="cpu", weights_only=True)
             if cached.get("fingerprint") == fp and len(cached["mu"]) == n:
-                return {k: cached[k] for k in ("y_hat", "mu", "logvar")}
+                return {k: cached[k].to(dev) for k in ("y_hat", "mu", "logvar")}
         except Exception:  # noqa: BLE001 - unreadable: recompute
             pass
     specs = fixed_crops(dataset, "train", size, n, params.seed + 1)
@@ -230,14 +237,14 @@ def _latent_pool(vae: nn.Module, den: nn.Module, params: Params, dataset: CTData
     parts: dict[str, list[torch.Tensor]] = {"y_hat": [], "mu": [], "logvar": []}
     with torch.no_grad():
         for i in tqdm(range(0, n, 64), desc="latent pool", disable=not progress, mininterval=2.0):
-            x = torch.stack([crops[j][0] for j in range(i, min(i + 64, n))])
+            x = torch.stack([crops[j][0] for j in range(i, min(i + 64, n))]).to(dev)
             y_hat = den(x)
             mu, logvar = vae.encode(x, y_hat)
             for k, v in (("y_hat", y_hat), ("mu", mu), ("logvar", logvar)):
-                parts[k].append(v)
+                parts[k].append(v.cpu())
     pool = {k: torch.cat(v) for k, v in parts.items()}
     atomic.torch_save(path, {"fingerprint": fp, **pool})
-    return pool
+    return {k: v.to(dev) for k, v in pool.items()}
 
 
 def train_cinn(denoiser: str, params: Params, dataset: CTDataset, out_dir: str | Path,
@@ -262,7 +269,8 @@ def train_cinn(denoiser: str, params: Params, dataset: CTDataset, out_dir: str |
     t0 = time.time()
     fp = fingerprint(name, params, dataset, vae_dir, denoiser_dir)  # names a missing cVAE
     den, vae = load_models(name, params, dataset, vae_dir, denoiser_dir)
-    model = build_cinn(params)
+    dev = module_device(vae)
+    model = build_cinn(params).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
     pool = _latent_pool(vae, den, params, dataset, ckpt_dir, fp, progress) if cfg.pool_crops else None
@@ -303,7 +311,7 @@ def train_cinn(denoiser: str, params: Params, dataset: CTDataset, out_dir: str |
     result = train(step_fn, batches, cfg.iterations, ckpt_dir, {"cinn": model},
                    {"cinn": opt}, fp, seed=params.seed, checkpoint_every=cfg.checkpoint_every,
                    validate_fn=validate, validate_every=cfg.validate_every,
-                   higher_is_better=False, desc=f"cINN {name}", progress=progress)
+                   higher_is_better=False, desc=f"cINN {name}", progress=progress, device=dev)
     best_step = load_best(ckpt_dir, {"cinn": model}, fp)
     model.eval()
     trained_steps = result.steps - result.resumed_from
@@ -315,7 +323,8 @@ def train_cinn(denoiser: str, params: Params, dataset: CTDataset, out_dir: str |
 def load_cinn(denoiser: str, params: Params, dataset: CTDataset, out_dir: str | Path,
               vae_dir: str | Path | None = None,
               denoiser_dir: str | Path | None = None) -> ConditionalINN:
-    """The best checkpoint of a trained cINN in eval mode (see :func:`train_cinn`).
+    """The best checkpoint of a trained cINN in eval mode, on the profile's device (see
+    :func:`train_cinn`).
 
     Raises :class:`FileNotFoundError` when it was not trained yet and
     :class:`~invariscope.training.CheckpointMismatchError` when its checkpoint belongs to another
@@ -325,4 +334,4 @@ def load_cinn(denoiser: str, params: Params, dataset: CTDataset, out_dir: str | 
     model = build_cinn(params)
     load_best(Path(out_dir) / name, {"cinn": model},
               fingerprint(name, params, dataset, vae_dir, denoiser_dir))
-    return model.eval()
+    return model.to(devices.of(params)).eval()

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import device as devices
 from .backbones import TORCHVISION_FILES, VGGPerceptualLoss
 from .dataset import CTDataset
 from .denoisers import (DUGANDiscriminator, GaussRI, WGANVGGCritic, build_denoiser,
@@ -225,7 +226,7 @@ def _ls(pred: torch.Tensor, target: float | torch.Tensor) -> torch.Tensor:
 
 def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
     """WGAN-GP term ``mean((||grad critic(a y + (1 - a) G(x))||_2 - 1)^2)`` (unweighted)."""
-    a = torch.rand(real.shape[0], 1, 1, 1, dtype=real.dtype)
+    a = torch.rand(real.shape[0], 1, 1, 1, dtype=real.dtype, device=real.device)
     interp = (a * real + (1 - a) * fake).requires_grad_(True)
     out = critic(interp)
     (grad,) = torch.autograd.grad(out, interp, grad_outputs=torch.ones_like(out), create_graph=True)
@@ -275,14 +276,15 @@ def _setup_mse(model: nn.Module, cfg: Any) -> _Setup:
     return _Setup(model, {"model": model}, {"model": opt}, step_fn)
 
 
-def _setup_wganvgg(model: nn.Module, cfg: Any, params: Params, dataset: CTDataset) -> _Setup:
+def _setup_wganvgg(model: nn.Module, cfg: Any, params: Params, dataset: CTDataset,
+                   device: torch.device) -> _Setup:
     weights = resolve_vgg_weights(params)
-    critic = WGANVGGCritic(patch_size=cfg.patch_size)
+    critic = WGANVGGCritic(patch_size=cfg.patch_size).to(device)
     mean_hu, std_hu = dataset.normalization
     perceptual = VGGPerceptualLoss(kind="vgg19", weights_path=weights, norm="l1",
                                    input_mapping="repeat", data_mean=mean_hu + 1024.0,
                                    data_std=std_hu, seed=params.seed,
-                                   params_key="denoisers.vgg_weights")
+                                   params_key="denoisers.vgg_weights").to(device)
     opt_g, opt_d = _adam(model, cfg), _adam(critic, cfg)
 
     def step_fn(step: int, batch: Any) -> dict[str, float]:
@@ -314,8 +316,9 @@ def _setup_wganvgg(model: nn.Module, cfg: Any, params: Params, dataset: CTDatase
                   step_fn, vgg_pretrained=perceptual.pretrained)
 
 
-def _setup_dugan(model: nn.Module, cfg: Any) -> _Setup:
-    d_img = DUGANDiscriminator(in_channels=1, conv_dim=cfg.disc_channels, repeat_num=cfg.disc_depth)
+def _setup_dugan(model: nn.Module, cfg: Any, device: torch.device) -> _Setup:
+    d_img = DUGANDiscriminator(in_channels=1, conv_dim=cfg.disc_channels,
+                               repeat_num=cfg.disc_depth).to(device)
     d_grad = copy.deepcopy(d_img)  # the authors deep-copy the image discriminator
     opt_g, opt_di, opt_dg = _adam(model, cfg), _adam(d_img, cfg), _adam(d_grad, cfg)
 
@@ -369,16 +372,16 @@ def _setup_dugan(model: nn.Module, cfg: Any) -> _Setup:
                   {"model": opt_g, "d_img": opt_di, "d_grad": opt_dg}, step_fn)
 
 
-def _setup(name: str, params: Params, dataset: CTDataset) -> _Setup:
+def _setup(name: str, params: Params, dataset: CTDataset, device: torch.device) -> _Setup:
     cfg = getattr(params.denoisers, name)
-    with torch.random.fork_rng(devices=[]):  # the same initial weights every run
+    with torch.random.fork_rng(devices=[]):  # the same initial weights every run, on any device
         torch.manual_seed(params.seed)
-        model = build_denoiser(name)
+        model = build_denoiser(name).to(device)
         if name in ("cnn10", "redcnn"):
             return _setup_mse(model, cfg)
         if name == "wganvgg":
-            return _setup_wganvgg(model, cfg, params, dataset)
-        return _setup_dugan(model, cfg)
+            return _setup_wganvgg(model, cfg, params, dataset, device)
+        return _setup_dugan(model, cfg, device)
 
 
 # --------------------------------------------------------------------------------------
@@ -406,7 +409,8 @@ def train_denoiser(name: str, params: Params, dataset: CTDataset, out_dir: str |
         for f in ("last.pt", "best.pt"):
             (ckpt_dir / f).unlink(missing_ok=True)
     t0 = time.time()
-    setup = _setup(name, params, dataset)
+    dev = devices.of(params)
+    setup = _setup(name, params, dataset, dev)
     fp = fingerprint(name, params, dataset)
     stream = BatchStream(dataset, cfg.patch_size, cfg.batch_size, seed=params.seed,
                          num_workers=params.loader.num_workers)
@@ -414,7 +418,7 @@ def train_denoiser(name: str, params: Params, dataset: CTDataset, out_dir: str |
     result = train(setup.step_fn, stream.iterate_from, cfg.iterations, ckpt_dir, setup.modules,
                    setup.optimizers, fp, seed=params.seed, checkpoint_every=den.checkpoint_every,
                    validate_fn=validate, validate_every=den.validate_every, desc=name,
-                   progress=progress)
+                   progress=progress, device=dev)
     best_step = load_best(ckpt_dir, {"model": setup.model}, fp)
     setup.model.eval()
     return TrainedDenoiser(name, setup.model, result.best_step or best_step, result.best_metric,
@@ -422,21 +426,23 @@ def train_denoiser(name: str, params: Params, dataset: CTDataset, out_dir: str |
 
 
 def load_denoiser(name: str, params: Params, dataset: CTDataset, out_dir: str | Path) -> nn.Module:
-    """The best checkpoint of a trained denoiser (eval mode); ``gaussri`` is built directly.
+    """The best checkpoint of a trained denoiser (eval mode, on the profile's device, see
+    :mod:`invariscope.device`); ``gaussri`` is built directly.
 
     Raises :class:`FileNotFoundError` when the method was not trained yet and
     :class:`~invariscope.training.CheckpointMismatchError` when its checkpoint belongs to another
     configuration.
     """
     name = check_name(name, params)
+    dev = devices.of(params)
     if name == "gaussri":
-        return GaussRI().eval()
+        return GaussRI().to(dev).eval()
     if name in params.denoisers.custom:
         from .custom import build_custom
 
-        return build_custom(name, params, dataset.normalization)
+        return build_custom(name, params, dataset.normalization).to(dev)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(params.seed)
         model = build_denoiser(name)
     load_best(Path(out_dir) / name, {"model": model}, fingerprint(name, params, dataset))
-    return model.eval()
+    return model.to(dev).eval()

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -40,7 +40,9 @@ from pytorch_metric_learning import losses, miners
 from torch import nn
 
 from . import backbones
+from . import device as devices
 from .dataset import CTDataset
+from .device import module_device
 from .loader import Normalizer, fixed_crops
 from .params import EmbeddingParams, Params, digest
 from .paths import run_dir
@@ -118,17 +120,21 @@ def build_embedder(params: Params, load_pretrained: bool = True) -> Embedder:
 
 
 @torch.no_grad()
-def embed(model: nn.Module, images_hu: np.ndarray, norm: Normalizer, batch_size: int = 64) -> np.ndarray:
+def embed(model: nn.Module | Callable[[torch.Tensor], torch.Tensor], images_hu: np.ndarray,
+          norm: Normalizer, batch_size: int = 64, device: torch.device | None = None) -> np.ndarray:
     """``model`` applied to HU crops ``(..., c, c)`` (any dtype) -> float32 ``(..., D)``.
 
-    Inputs are normalized batch by batch (float16 invariance arrays are never copied whole).
-    ``model`` (an :class:`Embedder`, or e.g. ``lambda x: vae.encode(x)[0]``) should be in eval mode.
+    Inputs are normalized batch by batch (float16 invariance arrays are never copied whole) and
+    moved to ``device`` (None: the device of ``model``'s parameters; the CPU for a plain
+    function). ``model`` (an :class:`Embedder`, or e.g. ``lambda x: vae.encode(x)[0]``) should be
+    in eval mode.
     """
+    dev = device if device is not None else module_device(model)
     arr = np.asarray(images_hu)
     lead, c = arr.shape[:-2], arr.shape[-2:]
     flat = arr.reshape(-1, *c)
     out = [model(torch.from_numpy(np.asarray(norm(flat[i:i + batch_size].astype(np.float32)),
-                                             dtype=np.float32))[:, None]).float().numpy()
+                                             dtype=np.float32))[:, None].to(dev)).float().cpu().numpy()
            for i in range(0, len(flat), batch_size)]
     res = np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
     return res.reshape(*lead, -1)
@@ -319,12 +325,13 @@ def fit_embedding(model: Embedder, train_data: EmbeddingData, val_data: Embeddin
     if p_ > n or k_ > pool:
         raise ValueError(f"a batch needs {p_} crops x {k_} invariances; the training set has {n} "
                          f"crops x {pool} invariances")
+    dev = module_device(model)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     miner = miners.TripletMarginMiner(margin=cfg.margin, type_of_triplets="semihard")
     loss_fn = losses.TripletMarginLoss(margin=cfg.margin)
 
     def tensor(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(norm(a.astype(np.float32)), dtype=np.float32))[:, None]
+        return torch.from_numpy(np.asarray(norm(a.astype(np.float32)), dtype=np.float32))[:, None].to(dev)
 
     def step_fn(step: int, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
         ci, ii = (b.numpy() for b in batch)
@@ -332,7 +339,7 @@ def fit_embedding(model: Embedder, train_data: EmbeddingData, val_data: Embeddin
         xi = tensor(train_data.x_tilde[ci[:, None], ii].reshape(-1, *train_data.x.shape[1:]))
         emb = model(torch.cat((xa, xi)))
         ea, ei = emb[:len(ci)], emb[len(ci):]
-        la = torch.arange(len(ci))
+        la = torch.arange(len(ci), device=dev)
         li = la.repeat_interleave(ii.shape[1])
         triplets = miner(ea, la, ei, li)
         loss = loss_fn(ea, la, triplets, ei, li)
@@ -379,7 +386,7 @@ def train_embedding(params: Params, dataset: CTDataset, out_dir: str | Path | No
     if force:
         for f in ("last.pt", "best.pt"):
             (ckpt / f).unlink(missing_ok=True)
-    model = build_embedder(params)
+    model = build_embedder(params).to(devices.of(params))
     norm = Normalizer.of(dataset)
     result = fit_embedding(model, train_data, val_data, params.embedding, norm, ckpt, fp, progress)
     best_step = load_best(ckpt, {"embedding": model}, fp)
@@ -414,7 +421,8 @@ def checkpoint_file(params: Params, dataset: CTDataset, out_dir: str | Path | No
 def load_embedding(params: Params, dataset: CTDataset, out_dir: str | Path | None = None, *,
                    cinn_dir: str | Path | None = None, vae_dir: str | Path | None = None,
                    denoiser_dir: str | Path | None = None, path: str | Path | None = None) -> Embedder:
-    """The best checkpoint of the embedding trained on the current denoisers' invariances, eval mode.
+    """The best checkpoint of the embedding trained on the current denoisers' invariances, eval
+    mode, on the profile's device.
 
     Raises :class:`FileNotFoundError` (naming the notebook to run) when there is none for the
     current denoisers, cINNs and settings (see :func:`checkpoint_file`). ``path``: that file,
@@ -429,4 +437,4 @@ def load_embedding(params: Params, dataset: CTDataset, out_dir: str | Path | Non
         raise FileNotFoundError(f"no embedding checkpoint {path}: {_RUN}")
     model = build_embedder(params, load_pretrained=False)
     load_checkpoint(path, {"embedding": model}, {}, path.parent.name)  # this file, not its folder's best
-    return model.eval()
+    return model.to(devices.of(params)).eval()

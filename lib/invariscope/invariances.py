@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from . import atomic, plotting
 from .dataset import CTDataset
 from .denoisers import GaussRI
+from .device import module_device
 from .loader import CropDataset, CropSpec, Normalizer
 from .params import digest
 
@@ -93,8 +94,12 @@ def _sample_chunk(denoiser_model: nn.Module, vae: nn.Module, cinn: nn.Module | N
                   batch_size: int, seed: int, mode: str, norm: Normalizer,
                   timings: dict[str, float] | None, outputs: bool = True) -> dict[str, np.ndarray]:
     t = timings if timings is not None else {}
+    dev = module_device(vae)
+    sync = timings is not None and dev.type == "cuda"  # GPU kernels run asynchronously
 
     def tick(name: str, t0: float) -> float:
+        if sync:
+            torch.cuda.synchronize(dev)
         now = time.perf_counter()
         t[name] = t.get(name, 0.0) + now - t0
         return now
@@ -103,8 +108,9 @@ def _sample_chunk(denoiser_model: nn.Module, vae: nn.Module, cinn: nn.Module | N
     pairs = [crops[tuple(s)] for s in specs]
     x = torch.stack([p[0] for p in pairs])
     y = torch.stack([p[1] for p in pairs])
+    x_dev = x.to(dev)
     t0 = tick("load", t0)
-    y_hat = _batched(denoiser_model, x, batch_size)
+    y_hat = _batched(denoiser_model, x_dev, batch_size)
     t0 = tick("denoiser", t0)
     latent_dim = vae.config.latent_dim
     cond = mu = std = None
@@ -112,15 +118,16 @@ def _sample_chunk(denoiser_model: nn.Module, vae: nn.Module, cinn: nn.Module | N
         cond = _batched(cinn.embed, y_hat, batch_size)
         t0 = tick("cinn", t0)
     elif mode == "posterior":
-        enc = [vae.encode(x[i:i + batch_size], y_hat[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+        enc = [vae.encode(x_dev[i:i + batch_size], y_hat[i:i + batch_size])
+               for i in range(0, len(x), batch_size)]
         mu = torch.cat([e[0] for e in enc])
         std = torch.exp(0.5 * torch.cat([e[1] for e in enc]))
         t0 = tick("encoder", t0)
     b, c = len(specs), x.shape[-1]
-    v = torch.cat([torch.randn(n_inv, latent_dim,
+    v = torch.cat([torch.randn(n_inv, latent_dim,  # on the CPU: the same v on every device
                                generator=torch.Generator().manual_seed(_crop_seed(seed, first + i)))
-                   for i in range(b)])
-    owner = torch.arange(b).repeat_interleave(n_inv)
+                   for i in range(b)]).to(dev)
+    owner = torch.arange(b, device=dev).repeat_interleave(n_inv)
     x_tilde = np.empty((b * n_inv, c, c), dtype=np.float16)
     f_x_tilde = np.empty((b * n_inv, c, c) if outputs else (b, 0, c, c), dtype=np.float16)
     t0 = tick("other", t0)
@@ -136,14 +143,14 @@ def _sample_chunk(denoiser_model: nn.Module, vae: nn.Module, cinn: nn.Module | N
             z = v[rows]
         xt = vae.decode(z, y_hat[who])
         t0 = tick("decoder", t0)
-        x_tilde[rows] = norm.to_hu(xt[:, 0]).numpy()
+        x_tilde[rows] = norm.to_hu(xt[:, 0].cpu()).numpy()
         if outputs:
             ft = denoiser_model(xt)
             t0 = tick("denoiser", t0)
-            f_x_tilde[rows] = norm.to_hu(ft[:, 0]).numpy()
+            f_x_tilde[rows] = norm.to_hu(ft[:, 0].cpu()).numpy()
         t0 = tick("other", t0)
     hu = lambda a: norm.to_hu(a[:, 0]).numpy().astype(np.float32)  # noqa: E731
-    return {"x": hu(x), "y": hu(y), "y_hat": hu(y_hat),
+    return {"x": hu(x), "y": hu(y), "y_hat": hu(y_hat.cpu()),
             "x_tilde": x_tilde.reshape(b, n_inv, c, c),
             "f_x_tilde": f_x_tilde.reshape(b, n_inv, c, c) if outputs else f_x_tilde,
             "crops": np.asarray(specs, dtype=np.int64).reshape(b, 3)}

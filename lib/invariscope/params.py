@@ -14,11 +14,21 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .paths import params_dir
 
 PROFILES = ("smoke", "default", "paper")
+#: The accepted ``device`` settings (see :mod:`invariscope.device`).
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def check_device(spec: str) -> str:
+    """A ``device`` setting stripped and lowercased; ValueError naming the allowed values otherwise."""
+    value = str(spec).strip().lower()
+    if not DEVICE_PATTERN.fullmatch(value):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:<index>', got {spec!r}")
+    return value
 
 
 class ParamsError(ValueError):
@@ -420,6 +430,9 @@ class Params(_Section):
     """All parameters of one profile."""
 
     seed: int = 1332
+    device: str = Field("auto", description="where the networks run: 'auto' (a CUDA GPU when torch "
+                        "sees one, else the CPU), 'cpu', 'cuda' or 'cuda:<index>'; the environment "
+                        "variable INVARISCOPE_DEVICE overrides it; not part of any stamp")
     data: DataParams
     loader: LoaderParams
     denoisers: DenoisersParams
@@ -428,6 +441,11 @@ class Params(_Section):
     invariances: InvariancesParams
     embedding: EmbeddingParams
     analysis: AnalysisParams
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        return check_device(value)
 
     @model_validator(mode="after")
     def _check_embedding_and_reference(self) -> "Params":

@@ -212,6 +212,8 @@ def run(argv: list[str] | None = None) -> int:
     ap.add_argument("--from", dest="start", metavar="STAGE", help="start at this stage")
     ap.add_argument("--denoisers", metavar="A,B", help="comma-separated subset of the profile's "
                     "denoisers (default: all of params denoisers.methods)")
+    ap.add_argument("--device", metavar="DEV", help="where the networks run: auto | cpu | cuda | "
+                    "cuda:N (default: device in the params file; sets $INVARISCOPE_DEVICE)")
     ap.add_argument("--dry-run", action="store_true", help="list what would run, run nothing")
     args = ap.parse_args(argv)
 
@@ -227,6 +229,11 @@ def run(argv: list[str] | None = None) -> int:
         return 2
     if args.data and not Path(args.data).expanduser().is_dir():
         print(f"error: --data {args.data}: no such folder", file=sys.stderr)
+        return 2
+    try:
+        where = _device(args.device, params)
+    except (ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     denoisers = list(params.denoisers.methods)
     if args.denoisers:
@@ -265,6 +272,7 @@ def run(argv: list[str] | None = None) -> int:
             return 2
         print(f"warning: a run would stop here, pretrained weights missing:\n  {lines}\n{hint}",
               file=sys.stderr)
+    print(f"[{params.profile}] networks run on {where}", flush=True)
     t_run = time.time()
     for job in jobs:
         out = out_dir / job.output_name
@@ -283,6 +291,22 @@ def run(argv: list[str] | None = None) -> int:
         print(f"\nthis run took {(time.time() - t_run) / 60:.1f} min")
         _print_results(params.profile)
     return 0
+
+
+def _device(option: str | None, params: Params) -> str:
+    """The device the notebooks will use, checked before any stage starts: ``--device`` (exported
+    as ``$INVARISCOPE_DEVICE`` for the kernels), else the environment variable, else ``device`` of
+    the params file. ValueError for a malformed setting, RuntimeError for a missing GPU."""
+    from . import device as devices  # imports torch
+
+    if option is not None:
+        dev = devices.resolve(option, where="--device")
+        os.environ[devices.ENV] = devices.check_spec(option)
+    else:
+        dev = devices.of(params)
+    setting = os.environ.get(devices.ENV, "").strip() or params.device
+    note = " (auto: no CUDA GPU seen)" if dev.type == "cpu" and setting.lower() == "auto" else ""
+    return f"{dev}{note}"
 
 
 def _forced(job: Job, force: bool, subset: bool) -> bool:

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from . import atomic
 from .dataset import CTDataset
+from .device import to_device
 from .loader import CropDataset, PatientWeightedCropSampler
 
 CHECKPOINT_VERSION = 1
@@ -132,8 +133,13 @@ def train(
     higher_is_better: bool = True,
     desc: str = "train",
     progress: bool = True,
+    device: torch.device | str | None = None,
 ) -> TrainResult:
-    """Run (or resume) ``n_steps`` training steps; see the module docstring."""
+    """Run (or resume) ``n_steps`` training steps; see the module docstring.
+
+    ``device``: where every tensor of a batch is moved before ``step_fn`` sees it (None: left
+    where the stream made it); the modules must already live there.
+    """
     ckpt_dir = Path(ckpt_dir)
     last, best = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
     start, best_metric, best_step, history = 0, None, None, []
@@ -167,6 +173,8 @@ def train(
     running: dict[str, float] = {}
     for step in bar:
         batch = next(stream)  # before seeding: loaders may draw from the global RNG
+        if device is not None:
+            batch = to_device(batch, torch.device(device))
         torch.manual_seed(seed * 1_000_003 + step)
         logs = dict(step_fn(step, batch))
         bad = [k for k, v in logs.items() if not math.isfinite(float(v))]

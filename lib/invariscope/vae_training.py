@@ -39,7 +39,9 @@ import torch
 from torch import nn
 
 from . import atomic, plotting
+from . import device as devices
 from .dataset import CTDataset
+from .device import module_device
 from .loader import CropDataset, CropSpec, Normalizer, fixed_crops
 from .metrics import ssim_lung
 from .params import Params, digest
@@ -124,7 +126,8 @@ def _default_denoiser_dir(params: Params) -> Path:
 
 def get_denoiser(denoiser: str | None, params: Params, dataset: CTDataset,
                  denoiser_dir: str | Path | None = None) -> nn.Module | None:
-    """The frozen, eval-mode denoiser that conditions a cVAE (None for the unconditional VAE)."""
+    """The frozen, eval-mode denoiser that conditions a cVAE (None for the unconditional VAE), on
+    the profile's device."""
     name = vae_name(denoiser, params)
     if name == UNCONDITIONAL:
         return None
@@ -203,6 +206,7 @@ def free_bits_kl(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float) -> to
 
 @torch.no_grad()
 def _condition(denoiser: nn.Module | None, x: torch.Tensor, batch_size: int = 64) -> torch.Tensor | None:
+    """ŷ = denoiser(x) in batches, on x's device."""
     if denoiser is None:
         return None
     return torch.cat([denoiser(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
@@ -213,18 +217,20 @@ def reconstruct(vae: ConditionalVAE, denoiser: nn.Module | None, x: torch.Tensor
                 batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(x_rec, mu, logvar)`` of normalized crops ``(N, 1, c, c)``, decoded from the posterior mean.
 
-    ŷ = denoiser(x) for a cVAE. Runs the VAE in eval mode (restoring its mode afterwards).
+    ŷ = denoiser(x) for a cVAE. Runs the VAE in eval mode (restoring its mode afterwards), batch
+    by batch on the VAE's device; the results are on the CPU.
     """
     was_training = vae.training
     vae.eval()
+    dev = module_device(vae)
     try:
         recs, mus, lvs = [], [], []
         for i in range(0, len(x), batch_size):
-            xb = x[i:i + batch_size]
+            xb = x[i:i + batch_size].to(dev)
             rec, mu, lv = vae(xb, _condition(denoiser, xb), sample=False)
-            recs.append(rec)
-            mus.append(mu)
-            lvs.append(lv)
+            recs.append(rec.cpu())
+            mus.append(mu.cpu())
+            lvs.append(lv.cpu())
     finally:
         vae.train(was_training)
     return torch.cat(recs), torch.cat(mus), torch.cat(lvs)
@@ -318,17 +324,19 @@ def train_vae(denoiser: str | None, params: Params, dataset: CTDataset, out_dir:
         for f in ("last.pt", "best.pt"):
             (ckpt_dir / f).unlink(missing_ok=True)
     t0 = time.time()
+    dev = devices.of(params)
     den = get_denoiser(name, params, dataset, denoiser_dir)
     fp = fingerprint(name, params, dataset, denoiser_dir)
     conditional = den is not None
-    vae = build_vae(conditional, params)
-    critic = _build_critic(conditional, params)
+    vae = build_vae(conditional, params).to(dev)
+    critic = _build_critic(conditional, params).to(dev)
     vgg_path = resolve_weights(cfg.vgg16_weights)
-    perceptual = build_perceptual_loss(vgg_path, params_key="vae.vgg16_weights")
+    perceptual = build_perceptual_loss(vgg_path, params_key="vae.vgg16_weights").to(dev)
     step_fn, optimizers = _make_step(vae, critic, den, params, perceptual)
 
     std_hu = Normalizer.of(dataset).std_hu
     x_val, _ = _crops_tensor(dataset, "val", cfg.crop_size, cfg.n_val_crops, params.seed)
+    x_val = x_val.to(dev)
     y_val = _condition(den, x_val)
 
     def validate() -> float:
@@ -348,7 +356,7 @@ def train_vae(denoiser: str | None, params: Params, dataset: CTDataset, out_dir:
     result = train(step_fn, stream.iterate_from, cfg.iterations, ckpt_dir, modules, optimizers, fp,
                    seed=params.seed, checkpoint_every=cfg.checkpoint_every, validate_fn=validate,
                    validate_every=cfg.validate_every, higher_is_better=False,
-                   desc=f"VAE {name}", progress=progress)
+                   desc=f"VAE {name}", progress=progress, device=dev)
     best_step = load_best(ckpt_dir, {"vae": vae}, fp)
     vae.eval()
     return TrainedVAE(name, vae, den, result.best_step or best_step, result.best_metric,
@@ -359,7 +367,8 @@ def train_vae(denoiser: str | None, params: Params, dataset: CTDataset, out_dir:
 
 def load_vae(denoiser: str | None, params: Params, dataset: CTDataset, out_dir: str | Path,
              denoiser_dir: str | Path | None = None) -> ConditionalVAE:
-    """The best checkpoint of a trained (c)VAE in eval mode (see :func:`train_vae`).
+    """The best checkpoint of a trained (c)VAE in eval mode, on the profile's device (see
+    :func:`train_vae`).
 
     Raises :class:`FileNotFoundError` when it was not trained yet and
     :class:`~invariscope.training.CheckpointMismatchError` when its checkpoint belongs to another
@@ -368,7 +377,7 @@ def load_vae(denoiser: str | None, params: Params, dataset: CTDataset, out_dir: 
     name = vae_name(denoiser, params)
     vae = build_vae(name != UNCONDITIONAL, params, load_pretrained=False)
     load_best(Path(out_dir) / name, {"vae": vae}, fingerprint(name, params, dataset, denoiser_dir))
-    return vae.eval()
+    return vae.to(devices.of(params)).eval()
 
 
 # --------------------------------------------------------------------------------------
