@@ -81,3 +81,11 @@ def test_overrides_and_digest():
     assert b.data.simulation.dose_fraction == 0.25
     assert digest(a.data) != digest(b.data)
     assert digest(a.data) == digest(load_params("smoke").data)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in profile_path("smoke").parent.glob("*.yaml")))
+def test_every_params_file_loads(name):
+    """Every file in params/ validates (variants such as default_beta_ms included)."""
+    params = load_params(name)
+    assert params.profile and params.source_file.endswith(f"{name}.yaml")
+

@@ -73,10 +73,10 @@ def test_every_notebook_has_a_parameters_cell_defaulting_to_smoke(stage):
 
 
 EXAMPLE = str(repo_root() / "examples" / "own_denoiser" / "params.yaml")
+PARAMS_FILES = sorted(p.stem for p in (repo_root() / "params").glob("*.yaml"))
 
 
-@pytest.mark.parametrize("profile", ["smoke", "default", "paper", EXAMPLE],
-                         ids=["smoke", "default", "paper", "own_denoiser"])
+@pytest.mark.parametrize("profile", [*PARAMS_FILES, EXAMPLE], ids=[*PARAMS_FILES, "own_denoiser"])
 @pytest.mark.parametrize("stage", pipeline.STAGES, ids=lambda s: s.name)
 def test_papermill_prepare_only(stage, profile, tmp_path):
     """Every notebook accepts every params file (papermill --prepare-only)."""

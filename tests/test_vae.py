@@ -25,6 +25,7 @@ from invariscope.vae import (
     critic_loss_terms,
     gradient_penalty,
     kl_divergence,
+    mode_seeking_term,
     vae_loss_terms,
 )
 
@@ -133,6 +134,42 @@ def test_decoder_depends_on_z() -> None:
         a = vae.decode(torch.zeros(2, 16))
         b = vae.decode(torch.ones(2, 16))
     assert (a - b).abs().max() > 1e-4
+
+
+def test_identity_decoder_init_starts_from_y_hat() -> None:
+    """decoder_init='identity': the untrained decoder returns about ŷ (the paper's init does not)."""
+    _, y = images(4, 32, seed=3)
+    z = torch.randn(4, 16, generator=torch.Generator().manual_seed(4))
+    out = {}
+    for init in ("default", "identity"):
+        torch.manual_seed(0)
+        vae = ConditionalVAE(tiny(True, decoder_init=init)).eval()
+        with torch.no_grad():
+            out[init] = vae.decode(z, y)
+    w = vae.decoder.out_conv.weight[0, -1]
+    assert torch.equal(w, torch.tensor([[0.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]))
+    err = {k: float((v - y).abs().mean() / y.abs().mean()) for k, v in out.items()}
+    assert err["identity"] < 0.5 < err["default"], err
+    corr = torch.corrcoef(torch.stack([out["identity"].flatten(), y.flatten()]))[0, 1]
+    assert corr > 0.9
+    # an unconditional VAE has no ŷ channel: the setting leaves it alone
+    torch.manual_seed(0)
+    a = ConditionalVAE(tiny(False)).decoder.out_conv.weight
+    torch.manual_seed(0)
+    b = ConditionalVAE(tiny(False, decoder_init="identity")).decoder.out_conv.weight
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="decoder_init must be 'default' or 'identity'"):
+        tiny(True, decoder_init="zero")
+
+
+def test_mode_seeking_term() -> None:
+    g = torch.Generator().manual_seed(0)
+    x1, x2 = torch.randn(3, 1, 8, 8, generator=g), torch.randn(3, 1, 8, 8, generator=g)
+    z1, z2 = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
+    expected = ((z1 - z2).abs().mean(1) / ((x1 - x2).abs().flatten(1).mean(1) + 1e-5)).mean()
+    assert torch.allclose(mode_seeking_term(x1, x2, z1, z2), expected)
+    # more different outputs for the same latents: a smaller term (what the decoder is pushed to)
+    assert mode_seeking_term(x1, 3 * x2, z1, z2) < mode_seeking_term(x1, x1 + 0.1 * x2, z1, z2)
 
 
 # ---------------------------------------------------------------- KL and encoder

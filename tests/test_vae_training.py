@@ -185,6 +185,24 @@ def test_denoiser_checkpoint_is_part_of_the_fingerprint(ds, tmp_path):
         vt.load_vae("cnn10", params, ds, tmp_path / "vae", denoiser_dir=den_dir)
 
 
+def test_mode_seeking_and_identity_init_train(ds, tmp_path):
+    """The two CPU options: the cVAE step adds the mode-seeking term (logged as ``ms``) and stays
+    finite; off, they leave the params dump (stamps, fingerprints) as it was."""
+    off = _params()
+    dump = off.model_dump(mode="json")["vae"]
+    assert "mode_seeking" not in dump and "decoder_init" not in dump
+    on = _params(**{"vae.mode_seeking": 1.0, "vae.decoder_init": "identity"})
+    assert on.model_dump(mode="json")["vae"]["mode_seeking"] == 1.0
+    assert vt.fingerprint("gaussri", on, ds) != vt.fingerprint("gaussri", off, ds)
+    res = vt.train_vae("gaussri", on, ds, tmp_path, progress=False)
+    logged = [h for h in res.history if "ms" in h]
+    assert logged and all(np.isfinite(h["ms"]) and h["ms"] > 0 for h in logged)
+    w = res.model.decoder.out_conv.weight
+    assert w.shape[1] > 1  # conditional: the ŷ channel exists (its init is tested in test_vae)
+    uncond = vt.train_vae(None, on, ds, tmp_path, progress=False)  # no ŷ: no mode-seeking term
+    assert not any("ms" in h for h in uncond.history)
+
+
 def test_free_bits_kl_matches_closed_form():
     mu, logvar = torch.randn(5, 6), torch.randn(5, 6)
     assert torch.allclose(vt.free_bits_kl(mu, logvar, 0.0), kl_divergence(mu, logvar).mean(), atol=1e-5)

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
+                      model_validator)
 
 from .paths import params_dir
 
@@ -274,10 +275,28 @@ class VAEParams(_Section):
     free_bits: float = Field(
         0.0, ge=0, description="KL floor per latent dim in nats (batch mean); 0 = plain KL as the "
         "paper. Not a paper setting: an anti-collapse option for short CPU runs")
+    decoder_init: Literal["default", "identity"] = Field(
+        "default", description="'default' (the paper) or 'identity': the cVAE decoder's output conv "
+        "starts as x = ŷ (its ŷ weights a centred delta, its other weights scaled by 0.1). Not a "
+        "paper setting: an option for short CPU runs")
+    mode_seeking: float = Field(
+        0.0, ge=0, description="weight of a mode-seeking term (Mao et al. 2019) on the cVAE decoder: "
+        "a prior draw z' ~ N(0, I) is decoded with the same ŷ, the loss adds weight x mean(|μ - z'|₁ "
+        "/ |D(z, ŷ) - D(z', ŷ)|₁) and the adversarial term of D(z', ŷ). 0 = off, as the paper")
     checkpoint_every: int = Field(ge=1, description="steps between last.pt checkpoints")
     validate_every: int = Field(ge=1, description="steps between validations (best.pt by L1 in HU)")
     n_val_crops: int = Field(ge=1, description="fixed validation crops (reconstruction MAE in HU)")
     n_test_crops: int = Field(ge=2, description="fixed test crops of the reconstruction report")
+
+    @model_serializer(mode="wrap")
+    def _drop_off_options(self, handler: Any) -> dict[str, Any]:
+        """Leave ``decoder_init`` and ``mode_seeking`` out while they are off (the paper's
+        values), so the stamps and checkpoint fingerprints of runs that predate them still hold."""
+        out = handler(self)
+        for key, off in (("decoder_init", "default"), ("mode_seeking", 0.0)):
+            if key in out and out[key] == off:
+                del out[key]
+        return out
 
     @model_validator(mode="after")
     def _check_architecture(self) -> "VAEParams":
@@ -298,6 +317,7 @@ class VAEParams(_Section):
             decoder_channels=self.decoder_channels, attention_resolution=self.attention_resolution,
             z_chunk=self.z_chunk, z_embed_classes=self.z_embed_classes, z_embed_dim=self.z_embed_dim,
             critic_width=self.critic_width, critic_max_width=self.critic_max_width,
+            decoder_init=self.decoder_init,
         )
 
 

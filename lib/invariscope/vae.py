@@ -79,7 +79,9 @@ class VAEConfig:
     ``z_embed_classes`` > 0 adds the authors' shared embedding of the whole z (MLP to
     ``z_embed_classes`` softmax outputs, then a linear map to ``z_embed_dim``) to every block's
     condition; ``attention_resolution``: feature-map size where self-attention is applied
-    (None: none); ``cond_resize``: how ŷ is resized to each block's resolution.
+    (None: none); ``cond_resize``: how ŷ is resized to each block's resolution;
+    ``decoder_init="identity"`` (conditional only; not the paper's): the output conv starts as
+    x = ŷ (centred delta on the ŷ channel, the feature weights scaled by 0.1).
     Critic: ``critic_width`` channels after the first conv, doubling per stride-2 conv up to
     ``critic_max_width``; ``critic_depth`` stride-2 convs (None: down to 4x4).
     """
@@ -100,6 +102,7 @@ class VAEConfig:
     critic_width: int = 64
     critic_max_width: int = 512
     critic_depth: int | None = None
+    decoder_init: Literal["default", "identity"] = "default"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "encoder_layers", tuple(int(v) for v in self.encoder_layers))
@@ -129,6 +132,8 @@ class VAEConfig:
             raise ValueError(f"cond_resize must be 'area', 'bilinear' or 'nearest', got {self.cond_resize!r}")
         if self.critic_width < 1 or self.critic_max_width < self.critic_width:
             raise ValueError("critic_width must be >= 1 and critic_max_width >= critic_width")
+        if self.decoder_init not in ("default", "identity"):
+            raise ValueError(f"decoder_init must be 'default' or 'identity', got {self.decoder_init!r}")
         if self.critic_depth is not None and not 1 <= self.critic_depth <= int(math.log2(n)) - 1:
             raise ValueError(f"critic_depth must leave at least 2x2 pixels: 1..{int(math.log2(n)) - 1}")
 
@@ -383,6 +388,12 @@ class BigGANDecoder(nn.Module):
             self.attention = None
         self.out_norm = ActNorm(out_mult[-1] * chn)
         self.out_conv = nn.Conv2d(out_mult[-1] * chn + cc, 1, 3, padding=1)
+        if config.decoder_init == "identity" and cc:
+            with torch.no_grad():  # start from x = ŷ: the ŷ channel's 3x3 weights a centred delta
+                self.out_conv.weight[:, :-1] *= 0.1
+                self.out_conv.weight[:, -1:] = 0.0
+                self.out_conv.weight[0, -1, 1, 1] = 1.0
+                self.out_conv.bias.zero_()
 
     def forward(self, z: torch.Tensor, y_hat: torch.Tensor | None = None) -> torch.Tensor:
         chunks = torch.split(z, self.split_sizes, dim=1)
@@ -579,6 +590,16 @@ class VAELossWeights:
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, exp(logvar)) || N(0, I)) per sample in nats, summed over latent dims: ``(B,)``."""
     return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(dim=1)
+
+
+def mode_seeking_term(x1: torch.Tensor, x2: torch.Tensor, z1: torch.Tensor,
+                      z2: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Mode-seeking regularizer (Mao et al., CVPR 2019): batch mean of
+    ``mean|z1 - z2| / (mean|x1 - x2| + eps)`` per sample. Minimizing it makes the decoder's
+    output depend on z (conditional GANs otherwise tend to ignore it)."""
+    num = (x1 - x2).abs().flatten(1).mean(1)
+    den = (z1 - z2).abs().flatten(1).mean(1)
+    return (den / (num + eps)).mean()
 
 
 def build_perceptual_loss(weights_path: str | os.PathLike[str] | None = None,

@@ -14,7 +14,10 @@ Steps 3 and 4 share the forward pass of step 2 (the VAE does not change in betwe
 critic sees exactly the fakes a separate forward pass would give for the same z; with
 ``critic_steps > 1`` every critic update uses these same fakes).
 ``perceptual_every = k > 1`` adds the perceptual term on every k-th step only (CPU profiles);
-``free_bits > 0`` replaces the KL by ``sum_d max(free_bits, mean_batch KL_d)`` (not in the paper).
+``free_bits > 0`` replaces the KL by ``sum_d max(free_bits, mean_batch KL_d)`` (not in the paper);
+``mode_seeking > 0`` (cVAEs only; not in the paper) also decodes a prior draw z' ~ N(0, I) with
+the same ŷ and adds ``mode_seeking * mean(|μ - z'|₁ / |x_rec - D(z', ŷ)|₁)``
+(:func:`invariscope.vae.mode_seeking_term`) and ``w_adv * (-critic(D(z', ŷ)))``.
 
 Validation: mean |D(mu, ŷ) - x| in HU on ``n_val_crops`` fixed validation crops, reconstructed
 from the posterior mean (lower is better) -> ``best.pt``. Checkpoints:
@@ -48,7 +51,7 @@ from .params import Params, digest
 from .paths import from_repo_root, run_dir
 from .training import BatchStream, existing_checkpoint, load_best, train
 from .vae import (ConditionalVAE, Critic, VAELossWeights, active_dimensions, build_perceptual_loss,
-                  critic_loss_terms, kl_divergence, vae_loss_terms)
+                  critic_loss_terms, kl_divergence, mode_seeking_term, vae_loss_terms)
 
 __all__ = [
     "UNCONDITIONAL",
@@ -290,6 +293,14 @@ def _make_step(vae: ConditionalVAE, critic: Critic, denoiser: nn.Module | None, 
         total = g["total"]
         if cfg.free_bits > 0:
             total = total + w.kl * free_bits_kl(mu, logvar, cfg.free_bits)
+        ms = None
+        if cfg.mode_seeking > 0 and y_hat is not None:  # a prior draw, decoded with the same ŷ
+            z_prior = torch.randn_like(mu)
+            x_prior = vae.decode(z_prior, y_hat)
+            ms = mode_seeking_term(x_rec, x_prior, mu.detach(), z_prior)
+            total = total + cfg.mode_seeking * ms
+            if w.adversarial > 0:
+                total = total - w.adversarial * critic(x_prior, y_hat).mean()
         opt_g.zero_grad(set_to_none=True)
         total.backward()
         opt_g.step()
@@ -299,6 +310,8 @@ def _make_step(vae: ConditionalVAE, critic: Critic, denoiser: nn.Module | None, 
                 "gp": d["gp"].item()}
         if use_perc:
             logs["perc"] = g["perceptual"].item()
+        if ms is not None:
+            logs["ms"] = ms.item()
         return logs
 
     return step_fn, {"vae": opt_g, "critic": opt_d}
