@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the pipeline's notebooks with papermill for one profile.
 #   ./run_all.sh [--profile smoke|default|paper|FILE.yaml] [--data DIR] [--only STAGE]
-#                [--from STAGE] [--denoisers a,b] [--force] [--dry-run]
+#                [--from STAGE] [--denoisers a,b] [--device DEV] [--force] [--dry-run]
 # Relative FILE.yaml and DIR paths are taken from the directory you run it in.
 # Executed notebooks go to runs/<profile>/notebooks/, figures and tables to figures/<profile>/.
 set -euo pipefail
