@@ -164,8 +164,7 @@ def denoise_hu(model: nn.Module, hu_slices: np.ndarray, normalizer: Normalizer,
         arr = arr[None]
     if arr.ndim != 3:
         raise ValueError(f"expected (B, H, W) or (H, W) HU slices, got shape {np.shape(hu_slices)}")
-    tensors = [*model.parameters(), *model.buffers()]
-    device = tensors[0].device if tensors else torch.device("cpu")
+    device = devices.module_device(model)
     was_training = model.training
     model.eval()
     out = np.empty_like(arr)

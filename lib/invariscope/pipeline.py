@@ -300,8 +300,9 @@ def _device(option: str | None, params: Params) -> str:
     from . import device as devices  # imports torch
 
     if option is not None:
-        dev = devices.resolve(option, where="--device")
-        os.environ[devices.ENV] = devices.check_spec(option)
+        spec = devices.check_spec(option)
+        dev = devices.resolve(spec, where="--device")
+        os.environ[devices.ENV] = spec
     else:
         dev = devices.of(params)
     setting = os.environ.get(devices.ENV, "").strip() or params.device
