@@ -43,7 +43,6 @@ from . import atomic
 from . import device as devices
 from .cinn import ConditionalINN
 from .dataset import CTDataset
-from .device import module_device
 from .params import Params, digest
 from .paths import run_dir
 from .training import BatchStream, existing_checkpoint, load_best, train
@@ -164,7 +163,7 @@ def encode_latents(vae: nn.Module, denoiser: nn.Module, x: torch.Tensor,
     :meth:`ConditionalVAE.reparameterize`), drawn on its device and moved. Both networks should
     be in eval mode; x is moved to the cVAE's device, and so are the results.
     """
-    dev = module_device(vae)
+    dev = devices.module_device(vae)
     zs, ys = [], []
     for i in range(0, len(x), batch_size):
         xb = x[i:i + batch_size].to(dev)
@@ -223,7 +222,7 @@ def _latent_pool(vae: nn.Module, den: nn.Module, params: Params, dataset: CTData
     from .loader import CropDataset, fixed_crops
 
     n, size = params.cinn.pool_crops, params.vae.crop_size
-    dev = module_device(vae)
+    dev = devices.module_device(vae)
     path = ckpt_dir / "latent_pool.pt"
     if path.is_file():
         try:
@@ -269,7 +268,7 @@ def train_cinn(denoiser: str, params: Params, dataset: CTDataset, out_dir: str |
     t0 = time.time()
     fp = fingerprint(name, params, dataset, vae_dir, denoiser_dir)  # names a missing cVAE
     den, vae = load_models(name, params, dataset, vae_dir, denoiser_dir)
-    dev = module_device(vae)
+    dev = devices.module_device(vae)
     model = build_cinn(params).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 

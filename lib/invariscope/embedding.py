@@ -42,7 +42,6 @@ from torch import nn
 from . import backbones
 from . import device as devices
 from .dataset import CTDataset
-from .device import module_device
 from .loader import Normalizer, fixed_crops
 from .params import EmbeddingParams, Params, digest
 from .paths import run_dir
@@ -129,7 +128,7 @@ def embed(model: nn.Module | Callable[[torch.Tensor], torch.Tensor], images_hu: 
     function). ``model`` (an :class:`Embedder`, or e.g. ``lambda x: vae.encode(x)[0]``) should be
     in eval mode.
     """
-    dev = device if device is not None else module_device(model)
+    dev = device if device is not None else devices.module_device(model)
     arr = np.asarray(images_hu)
     lead, c = arr.shape[:-2], arr.shape[-2:]
     flat = arr.reshape(-1, *c)
@@ -325,7 +324,7 @@ def fit_embedding(model: Embedder, train_data: EmbeddingData, val_data: Embeddin
     if p_ > n or k_ > pool:
         raise ValueError(f"a batch needs {p_} crops x {k_} invariances; the training set has {n} "
                          f"crops x {pool} invariances")
-    dev = module_device(model)
+    dev = devices.module_device(model)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     miner = miners.TripletMarginMiner(margin=cfg.margin, type_of_triplets="semihard")
     loss_fn = losses.TripletMarginLoss(margin=cfg.margin)

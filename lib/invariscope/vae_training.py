@@ -44,7 +44,6 @@ from torch import nn
 from . import atomic, plotting
 from . import device as devices
 from .dataset import CTDataset
-from .device import module_device
 from .loader import CropDataset, CropSpec, Normalizer, fixed_crops
 from .metrics import ssim_lung
 from .params import Params, digest
@@ -225,7 +224,7 @@ def reconstruct(vae: ConditionalVAE, denoiser: nn.Module | None, x: torch.Tensor
     """
     was_training = vae.training
     vae.eval()
-    dev = module_device(vae)
+    dev = devices.module_device(vae)
     try:
         recs, mus, lvs = [], [], []
         for i in range(0, len(x), batch_size):
