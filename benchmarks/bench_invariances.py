@@ -58,11 +58,12 @@ def synthetic_dataset(root: Path, size: int):
 def bench(profile: str, n_crops: int, n_inv: int, batch: int, denoiser: str) -> dict:
     params = load_params(profile)
     c = params.vae.crop_size
-    vae = build_vae(True, params, load_pretrained=False).eval()
+    vae = build_vae(True, params, load_pretrained=False,
+                    spatial=params.vae.latent == "spatial").eval()
     cinn = build_cinn(params)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        cinn.initialize(1.5 * torch.randn(64, params.vae.latent_dim, generator=g),
+        cinn.initialize(1.5 * torch.randn(64, *vae.latent_shape, generator=g),
                         torch.randn(64, 1, c, c, generator=g))
     cinn.eval()
     torch.manual_seed(0)
@@ -80,7 +81,8 @@ def bench(profile: str, n_crops: int, n_inv: int, batch: int, denoiser: str) -> 
     n = n_crops * n_inv
     gen = timings.get("cinn", 0.0) + timings.get("decoder", 0.0)
     per_profile = 2 * params.invariances.n_crops * params.invariances.n_invariances  # + prior ablation
-    return {"profile": profile, "denoiser": denoiser, "crop": c, "latent": params.vae.latent_dim,
+    return {"profile": profile, "denoiser": denoiser, "crop": c,
+            "latent": "×".join(map(str, vae.latent_shape)),
             "profile_n": per_profile, "profile_hours": per_profile / (n / total) / 3600,
             "cinn_params": count_parameters(cinn), "n": n, "batch": batch, "seconds": total,
             "inv_per_s": n / total, "cinn_s": timings.get("cinn", 0.0),
@@ -94,7 +96,8 @@ def bench_train_step(profile: str, n_steps: int) -> dict:
     ŷ = Gauss+RI(x), z ~ q(z | x, ŷ) from the cVAE encoder, NLL forward + backward + Adam."""
     params = load_params(profile)
     c, b = params.vae.crop_size, params.cinn.batch_size
-    vae = build_vae(True, params, load_pretrained=False).eval()
+    vae = build_vae(True, params, load_pretrained=False,
+                    spatial=params.vae.latent == "spatial").eval()
     cinn = build_cinn(params)
     f = build_denoiser("gaussri").eval()
     opt = torch.optim.Adam(cinn.parameters(), lr=params.cinn.lr)

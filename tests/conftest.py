@@ -39,8 +39,10 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-#: Overrides of the smoke profile that make every model of the pipeline tiny (seconds per stage).
+#: Overrides of the smoke profile that make every model of the pipeline tiny (seconds per stage),
+#: with the paper's global-latent design (:data:`TINY_SPATIAL`: the spatial one).
 TINY_PIPELINE = {
+    "vae.latent": "global", "vae.spatial": None, "cinn.spatial": None,
     "vae.iterations": 1, "vae.batch_size": 2, "vae.n_val_crops": 2, "vae.n_test_crops": 2,
     "vae.checkpoint_every": 1, "vae.validate_every": 1,
     "cinn.n_blocks": 2, "cinn.hidden": 16, "cinn.hidden_depth": 1, "cinn.base_channels": 4,
@@ -50,6 +52,18 @@ TINY_PIPELINE = {
     "embedding.n_train_crops": 6, "embedding.n_invariances": 2, "embedding.crops_per_batch": 3,
     "embedding.invariances_per_crop": 2, "embedding.iterations": 4, "embedding.checkpoint_every": 2,
     "embedding.validate_every": 2, "embedding.n_val_crops": 3, "embedding.width": 2,
+}
+
+
+#: :data:`TINY_PIPELINE` with the spatial-latent cVAEs and convolutional cINNs of the smoke profile.
+TINY_SPATIAL = {
+    **{k: v for k, v in TINY_PIPELINE.items() if not k.startswith(("vae.latent", "vae.spatial",
+                                                                    "cinn."))},
+    "vae.spatial.iterations": 2, "vae.spatial.pool_crops": 8, "vae.spatial.pool_crops_by_denoiser": {},
+    "vae.spatial.latent_channels": 2, "vae.spatial.encoder_width": 4, "vae.spatial.decoder_width": 4,
+    "cinn.n_blocks": 2, "cinn.batch_size": 4, "cinn.iterations": 2, "cinn.checkpoint_every": 2,
+    "cinn.validate_every": 2, "cinn.n_val_crops": 4, "cinn.spatial.subnet_width": 4,
+    "cinn.spatial.cond_width": 4, "cinn.spatial.cond_channels": 2,
 }
 
 

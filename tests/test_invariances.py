@@ -17,6 +17,7 @@ from invariscope import vae_training
 from invariscope.denoisers import GaussRI
 from invariscope.loader import fixed_crops
 from invariscope.params import load_params
+from invariscope.spatial import ConvolutionalINN
 from invariscope.training import CheckpointMismatchError
 
 
@@ -105,15 +106,25 @@ def test_check_targets():
     rows = pd.DataFrame([
         {"denoiser": "gaussri", "sd_ratio_smoothed": 50.0, "sd_ratio_raw": 5.0,
          "sd_ratio_smoothed_prior": 4.0, "input_change_hu": 100.0, "output_change_hu": 10.0,
-         "output_change_hu_prior": 30.0, "invariance_sd_hu": 5.0, "ld_noise_sd_hu": 100.0},
+         "output_change_hu_prior": 30.0, "invariance_sd_hu": 5.0, "ld_noise_sd_hu": 100.0,
+         "hf_share": 0.2, "hf_share_ld_noise": 0.9},
         {"denoiser": "cnn10", "sd_ratio_smoothed": 1.0, "sd_ratio_raw": 1.0,
          "sd_ratio_smoothed_prior": 1.0, "input_change_hu": 100.0, "output_change_hu": 60.0,
-         "output_change_hu_prior": 30.0, "invariance_sd_hu": 20.0, "ld_noise_sd_hu": 100.0},
+         "output_change_hu_prior": 30.0, "invariance_sd_hu": 45.0, "ld_noise_sd_hu": 100.0,
+         "hf_share": 0.75, "hf_share_ld_noise": 0.9},
+        {"denoiser": "redcnn", "sd_ratio_smoothed": 1.0, "sd_ratio_raw": 1.0,
+         "sd_ratio_smoothed_prior": 1.0, "input_change_hu": 100.0, "output_change_hu": 10.0,
+         "output_change_hu_prior": 30.0, "invariance_sd_hu": 55.0, "ld_noise_sd_hu": 100.0,
+         "hf_share": 0.85, "hf_share_ld_noise": 0.9},
     ])
     t = inv.check_targets(rows)
-    g, c = t[t.denoiser == "gaussri"], t[t.denoiser == "cnn10"]
-    assert len(g) == 4 and g.passed.all()          # no noise-level target for Gauss+RI
-    assert len(c) == 3 and not c.passed.any()
+    g, c, r = (t[t.denoiser == d] for d in ("gaussri", "cnn10", "redcnn"))
+    assert len(g) == 4 and g.passed.all()          # no noise-level or spectrum target for Gauss+RI
+    assert len(c) == 4 and not c.passed.any()      # SD 45 < 0.5 x 100; spectrum 0.15 away
+    assert len(r) == 4 and r.passed.all()
+    # the texture target's old threshold and no spectrum target
+    old = inv.check_targets(rows, min_sd_fraction=0.25, max_hf_gap=None)
+    assert len(old) == 4 + 3 + 3 and old[old.denoiser == "cnn10"].passed.sum() == 1
 
 
 # ------------------------------------------------------------------------ sampling
@@ -264,6 +275,40 @@ def test_cinn_training_resume_equals_straight_run(trained_vae, tmp_path, pool):
         assert torch.equal(v, s_a[k]), k
     z = loaded.sample(torch.zeros(2, 1, 32, 32), 3)
     assert z.shape == (2, 3, params.vae.latent_dim) and torch.isfinite(z).all()
+
+
+def test_spatial_cinn_resumes_and_samples_maps(tmp_path):
+    """The convolutional cINN: trains on the cVAE's pool (ŷ shared), resumes to the same weights,
+    and its invariances decode to images through the spatial cVAE."""
+    from conftest import TINY_SPATIAL
+
+    ds = make_dataset(tmp_path / "ds", size=48)
+    over = {**TINY_SPATIAL, "vae.crop_size": 32, "cinn.iterations": 4}
+    params = load_params("smoke", over)
+    root = tmp_path / "run"
+    vae_training.train_vae("gaussri", params, ds, root / "vae", progress=False)
+    dirs = dict(vae_dir=root / "vae", denoiser_dir=root / "den")
+    straight = ct.train_cinn("gaussri", params, ds, root / "a", progress=False, **dirs)
+    assert isinstance(straight.model, ConvolutionalINN) and straight.steps == 4
+    assert len(list((root / "pools").glob("gaussri_8_*.pt"))) == 1   # one ŷ pool for both stages
+    ct.train_cinn("gaussri", load_params("smoke", {**over, "cinn.iterations": 2}), ds, root / "b",
+                  progress=False, **dirs)
+    resumed = ct.train_cinn("gaussri", params, ds, root / "b", progress=False, **dirs)
+    s_a, s_b = _state(straight.model), _state(resumed.model)
+    for k in s_a:
+        assert torch.equal(s_a[k], s_b[k]), k
+    f, vae = ct.load_models("gaussri", params, ds, **dirs)
+    cinn = ct.load_cinn("gaussri", params, ds, root / "a", **dirs)
+    crops = fixed_crops(ds, "test", 32, 3, seed=0)
+    res = inv.sample_invariances(f, vae, cinn, ds, crops, 4, 8, seed=1, progress=False)
+    prior = inv.sample_invariances(f, vae, None, ds, crops, 4, 8, seed=1, prior=True, progress=False)
+    assert res["x_tilde"].shape == prior["x_tilde"].shape == (3, 4, 32, 32)
+    assert np.isfinite(res["x_tilde"].astype(np.float32)).all()
+    m = inv.control_measures(res, prior)
+    assert set(m) == set(inv.MEASURES)
+    # (32² crops leave no outside region around the 30² square: the ratios are NaN here)
+    assert all(np.isfinite(m[k]) for k in ("input_change_hu", "output_change_hu", "hf_share",
+                                            "output_change_hu_prior", "invariance_sd_hu"))
 
 
 def test_cinn_refuses_checkpoint_of_other_configuration(trained_vae, tmp_path):

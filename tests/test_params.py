@@ -85,7 +85,16 @@ def test_overrides_and_digest():
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in profile_path("smoke").parent.glob("*.yaml")))
 def test_every_params_file_loads(name):
-    """Every file in params/ validates (variants such as default_beta_ms included)."""
+    """Every file in params/ validates (variants such as default_global included)."""
     params = load_params(name)
     assert params.profile and params.source_file.endswith(f"{name}.yaml")
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in (profile_path("smoke").parent /
+                                                         "experiments").glob("*.yaml")),
+                         ids=lambda p: p.rsplit("/", 1)[-1])
+def test_every_experiment_params_file_loads(path):
+    """The experiments' params files (docs/) validate, each with a run folder of its own."""
+    params = load_params(path)
+    assert params.profile and params.profile not in ("smoke", "default", "paper")
 

@@ -104,6 +104,13 @@ def test_papermill_parses_every_parameter(stage):
     assert [p.name for p in PythonTranslator.inspect(cell)] == assigned
 
 
+def test_spatial_profiles_train_the_spatial_unconditional_vae_too():
+    jobs = pipeline.plan("smoke", None, "vae", None, ["cnn10", "gaussri"], spatial=True)
+    assert [j.denoiser for j in jobs] == ["unconditional", "unconditional_spatial", "cnn10", "gaussri"]
+    jobs = pipeline.plan("paper", None, "vae", None, ["cnn10"])
+    assert [j.denoiser for j in jobs] == ["unconditional", "cnn10"]
+
+
 def test_stamps_depend_only_on_what_a_job_reads():
     from invariscope.params import load_params
 
@@ -163,11 +170,11 @@ def test_selected_jobs_run_under_their_full_plan_stamps(fake_root, capsys):
     assert pipeline.run(["--profile", "smoke", "--dry-run"]) == 0
     status = _statuses(capsys.readouterr().out)
     assert {label for label, s in status.items() if s == "skip"} == {
-        "vae[unconditional]", "vae[redcnn]", "cinn[gaussri]", "invariances[gaussri]", "figure5",
-        "embedding", "analysis"}
+        "vae[unconditional]", "vae[unconditional_spatial]", "vae[redcnn]", "cinn[gaussri]",
+        "invariances[gaussri]", "figure5", "embedding", "analysis"}
     params = load_params("smoke")
-    full = pipeline.stamps(pipeline.plan("smoke", None, None, None, params.denoisers.methods),
-                           params.model_dump(mode="json"))
+    full = pipeline.stamps(pipeline.plan("smoke", None, None, None, params.denoisers.methods,
+                                         spatial=True), params.model_dump(mode="json"))
     done = json.loads((root / "runs/smoke/notebooks/06_analysis.done.json").read_text())
     assert done["stamp"] == full["analysis"]
 
@@ -177,7 +184,7 @@ def test_force_with_denoisers_keeps_the_shared_extra_runs(fake_root):
     (unless it is out of date); --force alone still reruns everything selected."""
     root, calls = fake_root
     assert pipeline.run(["--profile", "smoke", "--only", "vae", "--denoisers", "gaussri"]) == 0
-    assert [p["denoiser"] for _, p in calls] == ["unconditional", "gaussri"]
+    assert [p["denoiser"] for _, p in calls] == ["unconditional", "unconditional_spatial", "gaussri"]
     for selection in (["--only", "vae"], ["--from", "vae"]):
         calls.clear()
         assert pipeline.run(["--profile", "smoke", *selection, "--denoisers", "gaussri",
@@ -203,7 +210,8 @@ def test_timings_cover_every_finished_job(fake_root):
     assert pipeline.run(["--profile", "smoke", "--only", "analysis"]) == 0
     rows = (root / "runs/smoke/timings.csv").read_text().splitlines()
     assert rows[0] == "job,seconds,finished"
-    assert [r.split(",")[0] for r in rows[1:]] == ["vae[unconditional]", "vae[gaussri]", "analysis"]
+    assert [r.split(",")[0] for r in rows[1:]] == ["vae[unconditional]", "vae[unconditional_spatial]",
+                                                   "vae[gaussri]", "analysis"]
 
 
 def test_dry_run_creates_nothing(fake_root):

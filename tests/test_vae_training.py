@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_dataset
+from conftest import TINY_PIPELINE, TINY_SPATIAL, make_dataset
 from invariscope import denoiser_training as dt
 from invariscope import pipeline
 from invariscope import vae_training as vt
@@ -21,8 +21,10 @@ from invariscope.params import load_params
 from invariscope.training import CheckpointMismatchError, NonFiniteLossError, save_checkpoint
 from invariscope.vae import kl_divergence
 
-# The smoke vae section, shrunk further: 32x32 crops, batch 2, a handful of steps.
+# The smoke vae section with the global design, shrunk further: 32x32 crops, batch 2, a handful
+# of steps.
 _SMALL = {
+    **{k: v for k, v in TINY_PIPELINE.items() if k.startswith(("cinn.", "vae.latent", "vae.spatial"))},
     "vae.latent_dim": 8,
     "vae.z_chunk": 2,
     "vae.encoder_width": 4,
@@ -161,6 +163,37 @@ def test_gaussri_cvae_end_to_end_and_figure4(ds, tmp_path):
                                     "VAE": (uvae.model, None)})
     assert len(fig.axes) == 4 * len(examples)
     fig.savefig(tmp_path / "figure4.png")
+
+
+def test_spatial_cvae_trains_and_reports(ds, tmp_path):
+    """The spatial design: a pool of ŷ computed once, a checkpoint of another schedule refused,
+    both unconditional VAEs, and Figure 4 with VAEs of both designs."""
+    params = load_params("smoke", {**TINY_SPATIAL, "vae.crop_size": 32, "vae.spatial.iterations": 4})
+    assert vt.is_spatial("gaussri", params) and vt.is_spatial("unconditional_spatial", params)
+    assert not vt.is_spatial("unconditional", params)
+    assert vt.extra_vaes(params) == ("unconditional", "unconditional_spatial")
+    full = vt.train_vae("gaussri", params, ds, tmp_path / "full", progress=False)
+    assert full.steps == 4 and full.model.latent_shape == (2, 8, 8)
+    half = load_params("smoke", {**TINY_SPATIAL, "vae.crop_size": 32, "vae.spatial.iterations": 4})
+    vt.train_vae("gaussri", half.model_copy(update={"vae": half.vae.model_copy(update={
+        "spatial": half.vae.spatial.model_copy(update={"iterations": 2})})}), ds, tmp_path / "split",
+        progress=False)
+    # iterations are part of the spatial fingerprint (the cosine schedule depends on them)
+    with pytest.raises(CheckpointMismatchError, match="another configuration"):
+        vt.train_vae("gaussri", params, ds, tmp_path / "split", progress=False)
+    assert len(list((tmp_path / "pools").glob("gaussri_8_*.pt"))) == 1, "the ŷ pool is cached"
+    report = vt.reconstruction_report(full.model, full.denoiser, ds, params, name="gaussri")
+    assert report["latent_dims"] == 2 * 8 * 8 and 0 <= report["active_dims"] <= 128
+    u_sp = vt.train_vae("unconditional_spatial", params, ds, tmp_path / "full", progress=False)
+    assert u_sp.denoiser is None and not u_sp.model.config.conditional
+    u_gl = vt.train_vae(None, params, ds, tmp_path / "full", progress=False)
+    assert u_gl.model.latent_shape == (params.vae.latent_dim,)
+    assert isinstance(vt.load_vae("unconditional_spatial", params, ds, tmp_path / "full"),
+                      type(u_sp.model))
+    examples = pick_examples(ds, crop=16, seed=params.seed)
+    fig = vt.figure4(ds, examples, {"cVAE": (full.model, full.denoiser), "sp": (u_sp.model, None),
+                                    "gl": (u_gl.model, None)})
+    assert len(fig.axes) == 5 * len(examples)
 
 
 def test_denoiser_checkpoint_is_part_of_the_fingerprint(ds, tmp_path):

@@ -29,9 +29,7 @@ another VAE or denoiser.
 
 from __future__ import annotations
 
-import itertools
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +43,8 @@ from .cinn import ConditionalINN
 from .dataset import CTDataset
 from .params import Params, digest
 from .paths import run_dir
-from .training import BatchStream, existing_checkpoint, load_best, train
+from .spatial import ConvolutionalINN
+from .training import BatchStream, cosine_lr, existing_checkpoint, load_best, pool_batches, train
 
 __all__ = [
     "TrainedCINN",
@@ -101,11 +100,19 @@ def _denoiser_dir(params: Params, denoiser_dir: str | Path | None) -> Path:
     return Path(denoiser_dir) if denoiser_dir is not None else run_dir(params.profile) / "denoisers"
 
 
-def build_cinn(params: Params) -> ConditionalINN:
-    """The profile's cINN (latent size and condition size from the ``vae`` section), seeded."""
+def build_cinn(params: Params) -> ConditionalINN | ConvolutionalINN:
+    """The profile's cINN (latent size and condition size from the ``vae`` section), seeded:
+    the paper's :class:`ConditionalINN` for a global latent, a :class:`ConvolutionalINN` for
+    ``vae.latent: spatial``."""
     c = params.cinn
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(params.seed)
+        if params.vae.latent == "spatial":
+            sp, cfg = c.spatial, params.vae.spatial_config(True)
+            return ConvolutionalINN(cfg.latent_shape, cfg.downsample, n_blocks=c.n_blocks,
+                                    subnet_width=sp.subnet_width, cond_width=sp.cond_width,
+                                    cond_channels=sp.cond_channels, dilations=sp.dilations,
+                                    clamp=c.clamp, seed=params.seed)
         return ConditionalINN(latent_dim=params.vae.latent_dim, cond_size=params.vae.crop_size,
                               cond_channels=1, cond_dim=c.cond_dim, base_channels=c.base_channels,
                               n_down=c.n_down, n_blocks=c.n_blocks, hidden=c.hidden,
@@ -214,14 +221,24 @@ def _validation_latents(vae: nn.Module, den: nn.Module, params: Params,
     return encode_latents(vae, den, x, generator=gen)
 
 
+def pool_size(name: str, params: Params) -> int:
+    """Training crops in a cINN's fixed pool (0: fresh crops every step): ``cinn.pool_crops`` for
+    the global latent; the cVAE's pool (``vae.spatial``) for the spatial one."""
+    if params.vae.latent == "spatial":
+        return params.vae.spatial.pool_size(name)
+    return params.cinn.pool_crops
+
+
 def _latent_pool(vae: nn.Module, den: nn.Module, params: Params, dataset: CTDataset, ckpt_dir: Path,
-                 fp: str, progress: bool) -> dict[str, torch.Tensor]:
-    """ŷ, μ and log σ² of ``cinn.pool_crops`` fixed training crops, cached in ``latent_pool.pt``."""
+                 fp: str, progress: bool, name: str,
+                 denoiser_dir: str | Path | None) -> dict[str, torch.Tensor]:
+    """ŷ, μ and log σ² of the pool's fixed training crops (:func:`pool_size`; ŷ shared with the
+    cVAE through :func:`invariscope.vae_training.training_pool`), cached in ``latent_pool.pt``."""
     from tqdm.auto import tqdm
 
-    from .loader import CropDataset, fixed_crops
+    from .vae_training import training_pool
 
-    n, size = params.cinn.pool_crops, params.vae.crop_size
+    n = pool_size(name, params)
     dev = devices.module_device(vae)
     path = ckpt_dir / "latent_pool.pt"
     if path.is_file():
@@ -231,13 +248,12 @@ def _latent_pool(vae: nn.Module, den: nn.Module, params: Params, dataset: CTData
                 return {k: cached[k].to(dev) for k in ("y_hat", "mu", "logvar")}
         except Exception:  # noqa: BLE001 - unreadable: recompute
             pass
-    specs = fixed_crops(dataset, "train", size, n, params.seed + 1)
-    crops = CropDataset(dataset, "train", size, specs)
+    xy = training_pool(name, params, dataset, den, n, ckpt_dir.parent.parent / "pools", progress,
+                       denoiser_dir)
     parts: dict[str, list[torch.Tensor]] = {"y_hat": [], "mu": [], "logvar": []}
     with torch.no_grad():
         for i in tqdm(range(0, n, 64), desc="latent pool", disable=not progress, mininterval=2.0):
-            x = torch.stack([crops[j][0] for j in range(i, min(i + 64, n))]).to(dev)
-            y_hat = den(x)
+            x, y_hat = xy["x"][i:i + 64].to(dev), xy["y_hat"][i:i + 64].to(dev)
             mu, logvar = vae.encode(x, y_hat)
             for k, v in (("y_hat", y_hat), ("mu", mu), ("logvar", logvar)):
                 parts[k].append(v.cpu())
@@ -272,7 +288,9 @@ def train_cinn(denoiser: str, params: Params, dataset: CTDataset, out_dir: str |
     model = build_cinn(params).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
-    pool = _latent_pool(vae, den, params, dataset, ckpt_dir, fp, progress) if cfg.pool_crops else None
+    n_pool = pool_size(name, params)
+    pool = (_latent_pool(vae, den, params, dataset, ckpt_dir, fp, progress, name, denoiser_dir)
+            if n_pool else None)
 
     def step_fn(step: int, batch: Any) -> dict[str, float]:
         if pool is None:
@@ -287,6 +305,9 @@ def train_cinn(denoiser: str, params: Params, dataset: CTDataset, out_dir: str |
         loss.backward()
         if cfg.grad_clip is not None:
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if cfg.lr_final < 1.0:
+            for group in opt.param_groups:
+                group["lr"] = cosine_lr(step, cfg.iterations, cfg.lr, cfg.lr_final)
         opt.step()
         return {"nll": loss.item(), "nll_dim": loss.item() / model.latent_dim}
 
@@ -303,10 +324,7 @@ def train_cinn(denoiser: str, params: Params, dataset: CTDataset, out_dir: str |
         batches = BatchStream(dataset, params.vae.crop_size, cfg.batch_size, seed=params.seed,
                               num_workers=params.loader.num_workers).iterate_from
     else:
-        def batches(start: int) -> Iterator[torch.Tensor]:
-            for step in itertools.count(start):  # a batch depends only on (seed, step): resumable
-                g = torch.Generator().manual_seed(params.seed * 1_000_003 + step)
-                yield torch.randperm(cfg.pool_crops, generator=g)[:cfg.batch_size]
+        batches = pool_batches(params.seed, n_pool, cfg.batch_size)
     result = train(step_fn, batches, cfg.iterations, ckpt_dir, {"cinn": model},
                    {"cinn": opt}, fp, seed=params.seed, checkpoint_every=cfg.checkpoint_every,
                    validate_fn=validate, validate_every=cfg.validate_every,

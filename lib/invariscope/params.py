@@ -229,6 +229,47 @@ class VAELossWeightParams(_Section):
     adversarial: float = Field(ge=0, description="weight of the WGAN generator term -critic(x_rec)")
 
 
+class SpatialVAEParams(_Section):
+    """The spatial-latent cVAE (``vae.latent: spatial``; :mod:`invariscope.spatial`): architecture,
+    ELBO and optimisation. Not the paper's design (a documented deviation, see the README)."""
+
+    downsample: int = Field(4, ge=2, description="latent map at 1/downsample of the crop (a power of two)")
+    latent_channels: int = Field(16, ge=1, description="channels of the latent map")
+    encoder_width: int = Field(64, ge=1, description="width of the encoder's 3x3 convs")
+    decoder_width: int = Field(64, ge=1, description="width of the decoder at the latent resolution")
+    decoder_sd: float = Field(0.1, gt=0, description="fixed SD of the Gaussian decoder (normalized "
+                              "units; 0.1 is about 47 HU on the default cohort)")
+    batch_size: int = Field(ge=1, description="crops per step")
+    iterations: int = Field(ge=1, description="optimizer steps")
+    lr: float = Field(gt=0, description="Adam learning rate at the start of the cosine schedule")
+    lr_final: float = Field(0.05, gt=0, le=1, description="the learning rate decays (cosine) to this "
+                            "fraction of lr at the last step")
+    grad_clip: float | None = Field(50.0, gt=0, description="clip the gradient norm (null = no clipping)")
+    hflip: bool = Field(True, description="flip a random half of every batch horizontally (x and ŷ)")
+    pool_crops: int = Field(
+        0, ge=0, description="0 = fresh random training crops every step; N > 0 = draw every batch "
+        "from N fixed patient-weighted training crops whose ŷ = f(x) is computed once (the "
+        "denoiser's cINN trains on the same pool)")
+    pool_crops_by_denoiser: dict[str, int] = Field(
+        default_factory=dict, description="pool size for single denoisers (e.g. the costly RED-CNN "
+        "family), overriding pool_crops")
+
+    @model_validator(mode="after")
+    def _check(self) -> "SpatialVAEParams":
+        d = self.downsample
+        if d & (d - 1):
+            raise ValueError(f"downsample must be a power of two, got {d}")
+        bad = {k: v for k, v in self.pool_crops_by_denoiser.items() if v < self.batch_size}
+        if bad or (0 < self.pool_crops < self.batch_size):
+            raise ValueError(f"pool_crops {self.pool_crops} / pool_crops_by_denoiser {bad}: a pool "
+                             f"must be 0 or hold at least batch_size = {self.batch_size} crops")
+        return self
+
+    def pool_size(self, name: str) -> int:
+        """The pool size of a denoiser's cVAE and cINN (0: fresh crops every step)."""
+        return int(self.pool_crops_by_denoiser.get(name, self.pool_crops))
+
+
 class VAEParams(_Section):
     """(Conditional) VAE on [x, ŷ] and its WGAN-GP critic: architecture, losses, optimisation.
 
@@ -247,6 +288,12 @@ class VAEParams(_Section):
     imagenet_weights: str | None = Field(
         None, description="torchvision resnet50-0676ba61.pth for the encoder (relative to the repo "
         "root or absolute); null = random initialisation (resnet-small is always random)")
+    latent: Literal["global", "spatial"] = Field(
+        "global", description="'global' (the paper): every cVAE has a global latent vector; "
+        "'spatial': the cVAEs have a latent map (settings in vae.spatial) and the cINNs are "
+        "convolutional (cinn.spatial). The unconditional VAE of s_VAE is global either way")
+    spatial: SpatialVAEParams | None = Field(
+        None, description="the spatial-latent cVAE (required with latent: spatial)")
     latent_dim: int = Field(ge=2, description="latent size (paper 256)")
     decoder_channels: int = Field(ge=1, description="BigGAN channel base (paper 96)")
     attention_resolution: int | None = Field(
@@ -293,7 +340,8 @@ class VAEParams(_Section):
         """Leave ``decoder_init`` and ``mode_seeking`` out while they are off (the paper's
         values), so the stamps and checkpoint fingerprints of runs that predate them still hold."""
         out = handler(self)
-        for key, off in (("decoder_init", "default"), ("mode_seeking", 0.0)):
+        for key, off in (("decoder_init", "default"), ("mode_seeking", 0.0), ("latent", "global"),
+                         ("spatial", None)):
             if key in out and out[key] == off:
                 del out[key]
         return out
@@ -301,6 +349,11 @@ class VAEParams(_Section):
     @model_validator(mode="after")
     def _check_architecture(self) -> "VAEParams":
         self.config(conditional=True)  # raises ValueError for a bad combination
+        if (self.latent == "spatial") != (self.spatial is not None):
+            raise ValueError("latent: spatial needs a vae.spatial section, latent: global none "
+                             f"(latent is {self.latent!r})")
+        if self.spatial is not None:
+            self.spatial_config(conditional=True)
         if self.imagenet_weights is not None and self.encoder != "resnet50":
             raise ValueError("imagenet_weights needs encoder: resnet50 (resnet-small has no "
                              "ImageNet weights); set it to null")
@@ -320,6 +373,29 @@ class VAEParams(_Section):
             decoder_init=self.decoder_init,
         )
 
+    def spatial_config(self, conditional: bool) -> Any:
+        """The :class:`invariscope.spatial.SpatialVAEConfig` of ``vae.spatial`` (ValueError when
+        there is none)."""
+        from .spatial import SpatialVAEConfig
+
+        sp = self.spatial
+        if sp is None:
+            raise ValueError("vae.spatial is not set (vae.latent is 'global')")
+        return SpatialVAEConfig(conditional=conditional, crop_size=self.crop_size,
+                                downsample=sp.downsample, latent_channels=sp.latent_channels,
+                                encoder_width=sp.encoder_width, decoder_width=sp.decoder_width,
+                                decoder_sd=sp.decoder_sd)
+
+
+class SpatialCINNParams(_Section):
+    """The convolutional cINN on the spatial latent (``vae.latent: spatial``; not the paper's)."""
+
+    subnet_width: int = Field(64, ge=1, description="width of the coupling subnets (3x3, 1x1, 3x3 convs)")
+    cond_width: int = Field(48, ge=1, description="width of the condition net over unshuffle(ŷ)")
+    cond_channels: int = Field(32, ge=1, description="channels of the condition map")
+    dilations: tuple[int, ...] = Field((1, 2, 4), min_length=1,
+                                       description="dilations of the condition net's 3x3 convs")
+
 
 class CINNParams(_Section):
     """cINN t(z | ŷ) on the cVAE latents (paper Sec. 2.3.2, Supp. A.3; :mod:`invariscope.cinn`).
@@ -330,10 +406,16 @@ class CINNParams(_Section):
     """
 
     n_blocks: int = Field(ge=1, description="flow blocks ActNorm-LeakyReLU-coupling-permute (paper 12)")
-    hidden: int = Field(ge=1, description="width of the coupling subnets (paper 1024)")
-    hidden_depth: int = Field(ge=0, description="hidden-to-hidden layers per subnet (paper 2)")
-    base_channels: int = Field(ge=1, description="condition embedder's first conv width (paper 64)")
-    cond_dim: int = Field(ge=1, description="size of the condition embedding of ŷ (paper 256)")
+    hidden: int | None = Field(None, ge=1, description="width of the coupling subnets (paper 1024; "
+                               "global latent only)")
+    hidden_depth: int | None = Field(None, ge=0, description="hidden-to-hidden layers per subnet "
+                                     "(paper 2; global latent only)")
+    base_channels: int | None = Field(None, ge=1, description="condition embedder's first conv width "
+                                      "(paper 64; global latent only)")
+    cond_dim: int | None = Field(None, ge=1, description="size of the condition embedding of ŷ "
+                                 "(paper 256; global latent only)")
+    spatial: SpatialCINNParams | None = Field(
+        None, description="the convolutional cINN (required with vae.latent: spatial)")
     n_down: int = Field(4, ge=1, le=7, description="stride-2 convs of the embedder (paper 4); "
                         "vae.crop_size must be divisible by 2**n_down")
     clamp: float = Field(1.0, gt=0, description="soft clamp of the coupling scale, clamp*tanh (paper 1)")
@@ -342,6 +424,8 @@ class CINNParams(_Section):
         "rnvp", description="'rnvp': double affine coupling with four subnets (the authors'); "
         "'glow': one subnet per half for scale and shift (about half the parameters)")
     lr: float = Field(gt=0, description="Adam learning rate of flow and embedder (paper 1e-5)")
+    lr_final: float = Field(1.0, gt=0, le=1, description="cosine decay of the learning rate to this "
+                            "fraction of lr at the last step (1 = constant, as the paper)")
     beta1: float = Field(0.9, ge=0, lt=1, description="Adam beta1")
     beta2: float = Field(0.999, ge=0, lt=1, description="Adam beta2")
     grad_clip: float | None = Field(
@@ -356,6 +440,17 @@ class CINNParams(_Section):
     checkpoint_every: int = Field(ge=1, description="steps between last.pt checkpoints")
     validate_every: int = Field(ge=1, description="steps between validations (best.pt by val NLL)")
     n_val_crops: int = Field(ge=2, description="fixed validation crops of the NLL that picks best.pt")
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_spatial(self, handler: Any) -> dict[str, Any]:
+        """Leave ``spatial`` out while it is unset and ``lr_final`` while it is 1, so global-latent
+        stamps and fingerprints of runs that predate them still hold."""
+        out = handler(self)
+        if out.get("spatial", 0) is None:
+            del out["spatial"]
+        if out.get("lr_final") == 1.0:  # constant, as before the option existed
+            del out["lr_final"]
+        return out
 
 
 class InvariancesParams(_Section):
@@ -481,6 +576,22 @@ class Params(_Section):
 
     @model_validator(mode="after")
     def _check_cinn_vs_vae(self) -> "Params":
+        c = self.cinn
+        if self.vae.latent == "spatial":
+            if c.spatial is None:
+                raise ValueError("vae.latent: spatial needs a cinn.spatial section (the "
+                                 "convolutional cINN)")
+            if c.pool_crops:
+                raise ValueError(f"cinn.pool_crops {c.pool_crops}: with vae.latent: spatial the cINN "
+                                 "trains on the cVAE's pool (vae.spatial.pool_crops); remove it")
+            return self
+        if c.spatial is not None:
+            raise ValueError("cinn.spatial applies to vae.latent: spatial only; remove it")
+        missing = [k for k in ("hidden", "hidden_depth", "base_channels", "cond_dim")
+                   if getattr(c, k) is None]
+        if missing:
+            raise ValueError(f"cinn.{', cinn.'.join(missing)}: required with vae.latent: global "
+                             "(the paper's cINN)")
         if 0 < self.cinn.pool_crops < self.cinn.batch_size:
             raise ValueError(f"cinn.pool_crops {self.cinn.pool_crops} must be 0 or >= cinn.batch_size "
                              f"{self.cinn.batch_size}")

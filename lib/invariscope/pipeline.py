@@ -28,7 +28,8 @@ class Stage:
     """One pipeline stage: a notebook, run once or once per denoiser.
 
     ``extra_runs``: further values of the notebook's ``denoiser`` parameter that a per-denoiser
-    stage also runs, before the denoisers (e.g. ``"unconditional"`` for the VAE stage).
+    stage also runs, before the denoisers (e.g. ``"unconditional"`` for the VAE stage);
+    ``spatial_extra_runs``: more of them with ``vae.latent: spatial`` (the spatial unconditional VAE).
     """
 
     name: str
@@ -36,6 +37,7 @@ class Stage:
     sections: tuple[str, ...]
     per_denoiser: bool = False
     extra_runs: tuple[str, ...] = ()
+    spatial_extra_runs: tuple[str, ...] = ()
 
 
 #: ``sections``: the params sections a stage reads itself; what its upstream stages read reaches
@@ -46,7 +48,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("denoiser", "01_denoiser.ipynb", ("seed", "loader", "denoisers"), per_denoiser=True),
     Stage("table1", "01b_table1_figure3.ipynb", ("seed", "loader", "denoisers")),
     Stage("vae", "02_vae.ipynb", ("seed", "loader", "vae"), per_denoiser=True,
-          extra_runs=("unconditional",)),
+          extra_runs=("unconditional",), spatial_extra_runs=("unconditional_spatial",)),
     Stage("figure4", "02b_figure4.ipynb", ("seed", "vae")),
     Stage("cinn", "03_cinn.ipynb", ("seed", "vae", "cinn"), per_denoiser=True),
     Stage("invariances", "04_invariances.ipynb", ("vae", "invariances"), per_denoiser=True),
@@ -79,9 +81,10 @@ class Job:
 
 
 def plan(profile: str, data_root: str | None, only: str | None, start: str | None,
-         denoisers: list[str]) -> list[Job]:
-    """The jobs of a run, in order (per-denoiser stages once for each of their ``extra_runs``,
-    then once for each of ``denoisers``)."""
+         denoisers: list[str], spatial: bool = False) -> list[Job]:
+    """The jobs of a run, in order (per-denoiser stages once for each of their ``extra_runs``
+    (and ``spatial_extra_runs`` when ``spatial``: ``vae.latent: spatial``), then once for each of
+    ``denoisers``)."""
     names = [s.name for s in STAGES]
     for flag, value in (("--only", only), ("--from", start)):
         if value is not None and value not in names:
@@ -95,7 +98,8 @@ def plan(profile: str, data_root: str | None, only: str | None, start: str | Non
     jobs = []
     for s in stages:
         if s.per_denoiser:
-            runs = list(s.extra_runs) + [d for d in denoisers if d not in s.extra_runs]
+            extra = list(s.extra_runs) + (list(s.spatial_extra_runs) if spatial else [])
+            runs = extra + [d for d in denoisers if d not in extra]
             jobs += [Job(s, d, {**params, "denoiser": d}) for d in runs]
         else:
             jobs.append(Job(s, None, dict(params)))
@@ -251,9 +255,10 @@ def run(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     # stamps come from the full plan, so --only / --from / --denoisers do not change them
-    full = plan(args.profile, args.data, None, None, list(params.denoisers.methods))
+    spatial = params.vae.latent == "spatial"
+    full = plan(args.profile, args.data, None, None, list(params.denoisers.methods), spatial)
     all_stamps = stamps(full, params.model_dump(mode="json"), identities)
-    jobs = plan(args.profile, args.data, args.only, args.start, denoisers)
+    jobs = plan(args.profile, args.data, args.only, args.start, denoisers, spatial)
     out_dir = run_dir(params.profile) / "notebooks"
     if not args.dry_run:  # a dry run creates nothing
         ensure(out_dir)
@@ -277,7 +282,7 @@ def run(argv: list[str] | None = None) -> int:
     for job in jobs:
         out = out_dir / job.output_name
         status = "run" if rerun[job.label] else "up to date, skip"
-        print(f"[{params.profile}] {job.label:<24} {status:<17} -> {out.relative_to(repo_root())}",
+        print(f"[{params.profile}] {job.label:<26} {status:<17} -> {out.relative_to(repo_root())}",
               flush=True)
         if args.dry_run or not rerun[job.label]:
             continue
@@ -313,7 +318,8 @@ def _device(option: str | None, params: Params) -> str:
 def _forced(job: Job, force: bool, subset: bool) -> bool:
     """Whether ``--force`` reruns ``job``: not a stage's extra run (the unconditional VAE every
     method shares) when ``--denoisers`` picks a subset; that one reruns only when stale."""
-    return force and not (subset and job.denoiser in job.stage.extra_runs)
+    shared = job.stage.extra_runs + job.stage.spatial_extra_runs
+    return force and not (subset and job.denoiser in shared)
 
 
 def _done_file(out_dir: Path, job: Job) -> Path:

@@ -15,6 +15,7 @@ optimizers) and an optional ``validate_fn() -> float``. :func:`train` then
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -209,6 +210,24 @@ def train(
         m.eval()
     return TrainResult(n_steps, best_metric, best_step, history, resumed_from=start,
                        seconds=time.time() - t0)
+
+
+def pool_batches(seed: int, n: int, batch_size: int) -> Callable[[int], Iterator[torch.Tensor]]:
+    """Batches of indices into a fixed pool of ``n`` items for :func:`train`: the batch of step
+    ``s`` depends only on (seed, s), so a resumed run draws what an uninterrupted one would."""
+
+    def batches(start: int) -> Iterator[torch.Tensor]:
+        for step in itertools.count(start):
+            g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+            yield torch.randperm(n, generator=g)[:batch_size]
+
+    return batches
+
+
+def cosine_lr(step: int, total: int, lr: float, final_fraction: float) -> float:
+    """Cosine decay from ``lr`` at step 0 to ``final_fraction * lr`` at step ``total - 1``."""
+    frac = min(step / max(total - 1, 1), 1.0)
+    return lr * (final_fraction + (1.0 - final_fraction) * 0.5 * (1.0 + math.cos(math.pi * frac)))
 
 
 def best_checkpoint(ckpt_dir: str | Path) -> Path:

@@ -433,6 +433,11 @@ class ConditionalVAE(nn.Module):
         if imagenet_weights is not None:
             self.encoder.load_imagenet_weights(imagenet_weights)
 
+    @property
+    def latent_shape(self) -> tuple[int]:
+        """Shape of one latent: ``(latent_dim,)`` (a global vector)."""
+        return (self.config.latent_dim,)
+
     def _check(self, y_hat: torch.Tensor | None, ref_shape: tuple[int, ...], what: str) -> None:
         if self.config.conditional and y_hat is None:
             raise ValueError(f"conditional VAE: {what} needs y_hat (the denoised image)")

@@ -48,12 +48,17 @@ from .loader import CropDataset, CropSpec, Normalizer, fixed_crops
 from .metrics import ssim_lung
 from .params import Params, digest
 from .paths import from_repo_root, run_dir
-from .training import BatchStream, existing_checkpoint, load_best, train
+from .training import BatchStream, cosine_lr, existing_checkpoint, load_best, pool_batches, train
+from .spatial import SpatialVAE, elbo_terms
 from .vae import (ConditionalVAE, Critic, VAELossWeights, active_dimensions, build_perceptual_loss,
                   critic_loss_terms, kl_divergence, mode_seeking_term, vae_loss_terms)
 
 __all__ = [
     "UNCONDITIONAL",
+    "UNCONDITIONAL_SPATIAL",
+    "is_spatial",
+    "extra_vaes",
+    "training_pool",
     "REPORT_COLUMNS",
     "TrainedVAE",
     "vae_name",
@@ -76,6 +81,10 @@ __all__ = [
 ]
 
 UNCONDITIONAL = "unconditional"
+#: The unconditional VAE of the spatial design (``vae.latent: spatial``): Figure 4's like-for-like
+#: comparison with the spatial cVAEs. s_VAE keeps the global :data:`UNCONDITIONAL` VAE.
+UNCONDITIONAL_SPATIAL = "unconditional_spatial"
+_UNCONDITIONAL_NAMES = (UNCONDITIONAL, UNCONDITIONAL_SPATIAL)
 #: Columns of ``figures/<profile>/vae_reconstruction.csv``.
 REPORT_COLUMNS = ("vae", "mae_hu", "ssim", "kl_nats", "active_dims", "latent_dims")
 
@@ -109,9 +118,24 @@ def vae_name(denoiser: str | None, params: Params | None = None) -> str:
     """
     if denoiser is None or denoiser == UNCONDITIONAL:
         return UNCONDITIONAL
+    if denoiser == UNCONDITIONAL_SPATIAL:
+        return UNCONDITIONAL_SPATIAL
     from .denoiser_training import check_name
 
-    return check_name(denoiser, params, also=("None", repr(UNCONDITIONAL)))
+    return check_name(denoiser, params, also=("None", repr(UNCONDITIONAL), repr(UNCONDITIONAL_SPATIAL)))
+
+
+def is_spatial(name: str | None, params: Params) -> bool:
+    """Whether the VAE ``name`` has a spatial latent: every cVAE with ``vae.latent: spatial`` and the
+    spatial unconditional VAE; the (global) unconditional VAE never."""
+    name = vae_name(name, params)
+    return name == UNCONDITIONAL_SPATIAL or (name != UNCONDITIONAL and params.vae.latent == "spatial")
+
+
+def extra_vaes(params: Params) -> tuple[str, ...]:
+    """The unconditional VAEs a profile trains: the global one (s_VAE, Figure 4) and, with
+    ``vae.latent: spatial``, the spatial one (Figure 4)."""
+    return (UNCONDITIONAL, UNCONDITIONAL_SPATIAL) if params.vae.latent == "spatial" else (UNCONDITIONAL,)
 
 
 def resolve_weights(setting: str | None) -> Path | None:
@@ -131,7 +155,7 @@ def get_denoiser(denoiser: str | None, params: Params, dataset: CTDataset,
     """The frozen, eval-mode denoiser that conditions a cVAE (None for the unconditional VAE), on
     the profile's device."""
     name = vae_name(denoiser, params)
-    if name == UNCONDITIONAL:
+    if name in _UNCONDITIONAL_NAMES:
         return None
     from .denoiser_training import load_denoiser
 
@@ -149,7 +173,7 @@ def denoiser_identity(denoiser: str | None, params: Params, dataset: CTDataset,
     checkpoint file load_denoiser reads>`` (best.pt, else last.pt).
     """
     name = vae_name(denoiser, params)
-    if name == UNCONDITIONAL:
+    if name in _UNCONDITIONAL_NAMES:
         return "none"
     if name == "gaussri":
         return "gaussri"
@@ -179,11 +203,15 @@ def fingerprint(denoiser: str | None, params: Params, dataset: CTDataset,
     return f"vae-{name}-{digest(payload)}"
 
 
-def build_vae(conditional: bool, params: Params, load_pretrained: bool = True) -> ConditionalVAE:
-    """The (c)VAE of the profile, initialised from the seed (and ImageNet weights if set)."""
+def build_vae(conditional: bool, params: Params, load_pretrained: bool = True,
+              spatial: bool = False) -> ConditionalVAE | SpatialVAE:
+    """The (c)VAE of the profile, initialised from the seed (and ImageNet weights if set);
+    ``spatial``: the spatial-latent design of ``vae.spatial``."""
     cfg = params.vae
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(params.seed)
+        if spatial:
+            return SpatialVAE(cfg.spatial_config(conditional))
         model = ConditionalVAE(cfg.config(conditional))
     if load_pretrained and cfg.imagenet_weights is not None:
         model.encoder.load_imagenet_weights(resolve_weights(cfg.imagenet_weights),
@@ -316,6 +344,82 @@ def _make_step(vae: ConditionalVAE, critic: Critic, denoiser: nn.Module | None, 
     return step_fn, {"vae": opt_g, "critic": opt_d}
 
 
+def training_pool(name: str | None, params: Params, dataset: CTDataset, denoiser: nn.Module | None,
+                  n: int, pool_dir: str | Path, progress: bool = True,
+                  denoiser_dir: str | Path | None = None) -> dict[str, torch.Tensor | None]:
+    """``{"x", "y_hat"}`` of ``n`` fixed patient-weighted training crops (seed + 1), normalized, on
+    the CPU; ``y_hat`` = f(x) (None for an unconditional VAE).
+
+    ŷ is computed once per denoiser checkpoint and cached in ``<pool_dir>/<name>_<n>_<key>.pt``
+    (the stages use ``runs/<profile>/pools``), keyed by the denoiser's identity, the data set and
+    the crops: the spatial cVAE and the cINN of a denoiser train on the same pool, and f(x) of
+    the RED-CNN family costs more than a training step on a CPU.
+    """
+    from tqdm.auto import tqdm
+
+    from .denoiser_training import dataset_key
+
+    name = vae_name(name, params)
+    size = params.vae.crop_size
+    specs = fixed_crops(dataset, "train", size, n, params.seed + 1)
+    crops = CropDataset(dataset, "train", size, specs)
+    x = torch.stack([crops[i][0] for i in range(len(specs))])
+    if denoiser is None:
+        return {"x": x, "y_hat": None}
+    key = digest({"denoiser": denoiser_identity(name, params, dataset, denoiser_dir),
+                  "dataset": dataset_key(dataset), "crops": [list(map(int, c)) for c in specs]})
+    path = Path(pool_dir) / f"{name}_{n}_{key[:8]}.pt"
+    if path.is_file():
+        try:
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+            if cached.get("key") == key:
+                return {"x": x, "y_hat": cached["y_hat"]}
+        except Exception:  # noqa: BLE001 - unreadable: recompute
+            pass
+    dev = devices.module_device(denoiser)
+    parts = []
+    with torch.no_grad():
+        for i in tqdm(range(0, n, 64), desc=f"ŷ of the {name} pool", disable=not progress,
+                      mininterval=2.0):
+            parts.append(denoiser(x[i:i + 64].to(dev)).cpu())
+    y_hat = torch.cat(parts)
+    atomic.torch_save(path, {"key": key, "y_hat": y_hat})
+    return {"x": x, "y_hat": y_hat}
+
+
+def _make_spatial_step(vae: SpatialVAE, denoiser: nn.Module | None, params: Params,
+                       pool: Mapping[str, torch.Tensor | None] | None
+                       ) -> tuple[Callable[[int, Any], dict[str, float]], dict[str, torch.optim.Optimizer]]:
+    """One ELBO step of the spatial (c)VAE (Gaussian decoder of fixed SD, analytic KL)."""
+    sp = params.vae.spatial
+    opt = torch.optim.Adam(vae.parameters(), lr=sp.lr)
+
+    def step_fn(step: int, batch: Any) -> dict[str, float]:
+        if pool is not None:  # batch: indices into the pool
+            x = pool["x"][batch]
+            y_hat = None if pool["y_hat"] is None else pool["y_hat"][batch]
+        else:
+            x = batch[0]
+            y_hat = _condition(denoiser, x)
+        if sp.hflip:  # f is (nearly) flip-equivariant: flip x and ŷ together
+            flip = (torch.rand(len(x)) < 0.5).to(x.device)[:, None, None, None]
+            x = torch.where(flip, x.flip(-1), x)
+            if y_hat is not None:
+                y_hat = torch.where(flip, y_hat.flip(-1), y_hat)
+        x_rec, mu, logvar = vae(x, y_hat)
+        t = elbo_terms(x, x_rec, mu, logvar, sp.decoder_sd)
+        opt.zero_grad(set_to_none=True)
+        t["total"].backward()
+        if sp.grad_clip is not None:
+            nn.utils.clip_grad_norm_(vae.parameters(), sp.grad_clip)
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, sp.iterations, sp.lr, sp.lr_final)
+        opt.step()
+        return {"loss": t["total"].item(), "rec": t["rec"].item(), "kl": t["kl"].item()}
+
+    return step_fn, {"vae": opt}
+
+
 def train_vae(denoiser: str | None, params: Params, dataset: CTDataset, out_dir: str | Path,
               force: bool = False, progress: bool = True,
               denoiser_dir: str | Path | None = None) -> TrainedVAE:
@@ -340,11 +444,27 @@ def train_vae(denoiser: str | None, params: Params, dataset: CTDataset, out_dir:
     den = get_denoiser(name, params, dataset, denoiser_dir)
     fp = fingerprint(name, params, dataset, denoiser_dir)
     conditional = den is not None
-    vae = build_vae(conditional, params).to(dev)
-    critic = _build_critic(conditional, params).to(dev)
-    vgg_path = resolve_weights(cfg.vgg16_weights)
-    perceptual = build_perceptual_loss(vgg_path, params_key="vae.vgg16_weights").to(dev)
-    step_fn, optimizers = _make_step(vae, critic, den, params, perceptual)
+    spatial = is_spatial(name, params)
+    vae = build_vae(conditional, params, spatial=spatial).to(dev)
+    perceptual = None
+    if spatial:
+        n_pool = cfg.spatial.pool_size(name)
+        pool = None
+        if n_pool:
+            pool = {k: None if v is None else v.to(dev) for k, v in
+                    training_pool(name, params, dataset, den, n_pool, Path(out_dir).parent / "pools",
+                                  progress, denoiser_dir).items()}
+        step_fn, optimizers = _make_spatial_step(vae, den, params, pool)
+        modules: dict[str, nn.Module] = {"vae": vae}
+        n_steps, batch_size = cfg.spatial.iterations, cfg.spatial.batch_size
+    else:
+        critic = _build_critic(conditional, params).to(dev)
+        vgg_path = resolve_weights(cfg.vgg16_weights)
+        perceptual = build_perceptual_loss(vgg_path, params_key="vae.vgg16_weights").to(dev)
+        step_fn, optimizers = _make_step(vae, critic, den, params, perceptual)
+        modules = {"vae": vae, "critic": critic}
+        n_steps, batch_size = cfg.iterations, cfg.batch_size
+        n_pool = 0
 
     std_hu = Normalizer.of(dataset).std_hu
     x_val, _ = _crops_tensor(dataset, "val", cfg.crop_size, cfg.n_val_crops, params.seed)
@@ -362,10 +482,12 @@ def train_vae(denoiser: str | None, params: Params, dataset: CTDataset, out_dir:
         vae.train(was_training)
         return float(torch.cat(errs).mean()) * std_hu
 
-    stream = BatchStream(dataset, cfg.crop_size, cfg.batch_size, seed=params.seed,
-                         num_workers=params.loader.num_workers)
-    modules = {"vae": vae, "critic": critic}
-    result = train(step_fn, stream.iterate_from, cfg.iterations, ckpt_dir, modules, optimizers, fp,
+    if n_pool:
+        batches = pool_batches(params.seed, n_pool, batch_size)
+    else:
+        batches = BatchStream(dataset, cfg.crop_size, batch_size, seed=params.seed,
+                              num_workers=params.loader.num_workers).iterate_from
+    result = train(step_fn, batches, n_steps, ckpt_dir, modules, optimizers, fp,
                    seed=params.seed, checkpoint_every=cfg.checkpoint_every, validate_fn=validate,
                    validate_every=cfg.validate_every, higher_is_better=False,
                    desc=f"VAE {name}", progress=progress, device=dev)
@@ -373,7 +495,7 @@ def train_vae(denoiser: str | None, params: Params, dataset: CTDataset, out_dir:
     vae.eval()
     return TrainedVAE(name, vae, den, result.best_step or best_step, result.best_metric,
                       result.steps, time.time() - t0, result.history,
-                      vgg_pretrained=bool(perceptual.pretrained),
+                      vgg_pretrained=perceptual is not None and bool(perceptual.pretrained),
                       encoder_pretrained=cfg.imagenet_weights is not None)
 
 
@@ -387,7 +509,8 @@ def load_vae(denoiser: str | None, params: Params, dataset: CTDataset, out_dir: 
     configuration or another denoiser checkpoint.
     """
     name = vae_name(denoiser, params)
-    vae = build_vae(name != UNCONDITIONAL, params, load_pretrained=False)
+    vae = build_vae(name not in _UNCONDITIONAL_NAMES, params, load_pretrained=False,
+                    spatial=is_spatial(name, params))
     load_best(Path(out_dir) / name, {"vae": vae}, fingerprint(name, params, dataset, denoiser_dir))
     return vae.to(devices.of(params)).eval()
 
@@ -420,7 +543,7 @@ def reconstruction_report(vae: ConditionalVAE, denoiser_model: nn.Module | None,
         "mae_hu": float(np.abs(rec_hu - x_hu).mean()),
         "ssim": float(np.mean([ssim_lung(r, t) for r, t in zip(rec_hu, x_hu)])),
         "kl_nats": float(kl_divergence(mu, logvar).mean()),
-        "active_dims": active_dimensions(mu),
+        "active_dims": active_dimensions(mu.flatten(1)),
         "latent_dims": int(vae.config.latent_dim),
     }
 
@@ -434,7 +557,7 @@ def write_report(report: Mapping[str, Any], out_dir: str | Path) -> Path:
 
 def read_report(name: str | None, out_dir: str | Path) -> dict[str, Any]:
     """The ``report.json`` of a VAE (``FileNotFoundError`` naming the notebook to run)."""
-    key = UNCONDITIONAL if name in (None, UNCONDITIONAL) else str(name).lower()
+    key = UNCONDITIONAL if name is None else str(name).lower()
     path = Path(out_dir) / key / "report.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run 02_vae.ipynb with denoiser = {key!r} first "
