@@ -209,17 +209,16 @@ def test_default_and_smoke_use_the_spatial_design_and_paper_keeps_the_global_one
     assert glob.vae.latent == "global" and glob.cinn.hidden == 256
 
 
-def test_spatial_params_errors_name_the_key(tmp_path):
+@pytest.mark.parametrize("text, message", [
+    ("base: default\nvae: {spatial: null}\n", "latent: spatial needs a vae.spatial section"),
+    ("base: default\ncinn: {pool_crops: 64}\n", "cinn.pool_crops 64.*vae.spatial.pool_crops"),
+    ("base: default\nvae: {spatial: {downsample: 3}}\n", "downsample must be a power of two"),
+    ("base: {global}\ncinn: {{hidden: null}}\n", "cinn.hidden: required with vae.latent: global"),
+])
+def test_spatial_params_errors_name_the_key(tmp_path, text, message):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("base: default\nvae: {spatial: null}\n")
-    with pytest.raises(ParamsError, match="latent: spatial needs a vae.spatial section"):
-        load_params(bad)
-    bad.write_text("base: default\ncinn: {pool_crops: 64}\n")
-    with pytest.raises(ParamsError, match="cinn.pool_crops 64.*vae.spatial.pool_crops"):
-        load_params(bad)
-    bad.write_text("base: default\nvae: {spatial: {downsample: 3}}\n")
-    with pytest.raises(ParamsError, match="downsample must be a power of two"):
-        load_params(bad)
-    bad.write_text(f"base: {repo_root() / 'params/default_global.yaml'}\ncinn: {{hidden: null}}\n")
-    with pytest.raises(ParamsError, match="cinn.hidden: required with vae.latent: global"):
+    if "{global}" in text:
+        text = text.format(**{"global": repo_root() / "params/default_global.yaml"})
+    bad.write_text(text)
+    with pytest.raises(ParamsError, match=message):
         load_params(bad)

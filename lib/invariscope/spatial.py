@@ -40,6 +40,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .vae import check_condition
+
 __all__ = ["SpatialVAEConfig", "SpatialVAE", "ConditionEncoder", "ConvolutionalINN", "elbo_terms",
            "SPATIAL_LOGVAR_MIN", "SPATIAL_LOGVAR_MAX"]
 
@@ -130,12 +132,7 @@ class SpatialVAE(nn.Module):
         return self.config.latent_shape
 
     def _check(self, y_hat: Tensor | None, ref: tuple[int, ...], what: str) -> None:
-        if self.config.conditional and y_hat is None:
-            raise ValueError(f"conditional VAE: {what} needs y_hat (the denoised image)")
-        if not self.config.conditional and y_hat is not None:
-            raise ValueError(f"unconditional VAE: {what} takes no y_hat")
-        if y_hat is not None and tuple(y_hat.shape) != ref:
-            raise ValueError(f"y_hat must have shape {ref}, got {tuple(y_hat.shape)}")
+        check_condition(self.config.conditional, y_hat, ref, what)
 
     # ------------------------------------------------------------------ model
     def encode(self, x: Tensor, y_hat: Tensor | None = None) -> tuple[Tensor, Tensor]:

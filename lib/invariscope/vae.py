@@ -417,6 +417,18 @@ class BigGANDecoder(nn.Module):
 # --------------------------------------------------------------------------------------
 # VAE
 # --------------------------------------------------------------------------------------
+def check_condition(conditional: bool, y_hat: torch.Tensor | None, ref_shape: tuple[int, ...],
+                    what: str) -> None:
+    """ValueError unless a conditional VAE gets ``y_hat`` of ``ref_shape`` and an unconditional
+    one gets none (``what``: the method, for the message)."""
+    if conditional and y_hat is None:
+        raise ValueError(f"conditional VAE: {what} needs y_hat (the denoised image)")
+    if not conditional and y_hat is not None:
+        raise ValueError(f"unconditional VAE: {what} takes no y_hat (build it with conditional=True)")
+    if y_hat is not None and tuple(y_hat.shape) != ref_shape:
+        raise ValueError(f"y_hat must have shape {ref_shape}, got {tuple(y_hat.shape)}")
+
+
 class ConditionalVAE(nn.Module):
     """(Conditional) VAE: ``encoder`` q(z | x[, ŷ]) and ``decoder`` p(x | z[, ŷ]).
 
@@ -439,12 +451,7 @@ class ConditionalVAE(nn.Module):
         return (self.config.latent_dim,)
 
     def _check(self, y_hat: torch.Tensor | None, ref_shape: tuple[int, ...], what: str) -> None:
-        if self.config.conditional and y_hat is None:
-            raise ValueError(f"conditional VAE: {what} needs y_hat (the denoised image)")
-        if not self.config.conditional and y_hat is not None:
-            raise ValueError(f"unconditional VAE: {what} takes no y_hat (build it with conditional=True)")
-        if y_hat is not None and tuple(y_hat.shape) != ref_shape:
-            raise ValueError(f"y_hat must have shape {ref_shape}, got {tuple(y_hat.shape)}")
+        check_condition(self.config.conditional, y_hat, ref_shape, what)
 
     def encode(self, x: torch.Tensor, y_hat: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior mean and clamped log-variance, each ``(B, latent_dim)``."""
