@@ -7,16 +7,20 @@ Paper Sec. 2.3.2 / Eq. 5–6 and the authors' trainer: per step
 2. ŷ = f(x) with the frozen, eval-mode denoiser, and z ~ q(z | x, ŷ) (reparameterised sample of
    the frozen, eval-mode conditional encoder); no gradient reaches f or the VAE;
 
-   with ``cinn.pool_crops = N > 0`` (CPU profiles) steps 1–2 instead draw the batch from N fixed
-   training crops whose ŷ, μ and log σ² are computed once (cached in ``latent_pool.pt``) and
-   only resample z = μ + σ·ε: f(x) of RED-CNN on a batch costs far more than the cINN step;
+   with a pool (``cinn.pool_crops = N > 0`` for the global latent, the cVAE's
+   ``vae.spatial.pool_crops`` for the spatial one; CPU profiles) steps 1–2 instead draw the batch
+   from N fixed training crops whose ŷ, μ and log σ² are computed once (cached in
+   ``latent_pool.pt``; ŷ shared with the cVAE) and only resample z = μ + σ·ε: f(x) of RED-CNN
+   on a batch costs far more than the cINN step;
 3. one Adam step on the cINN's exact negative log-likelihood
    ``mean(½‖t(z | ŷ)‖²) − mean(log|det J|)`` (nats per sample,
    :meth:`invariscope.cinn.ConditionalINN.nll_loss`); the condition embedder of ŷ is trained
    jointly with the flow.
 
-Every ActNorm layer (flow and embedder) is data-initialized on the latents of the first batch
-(step 0) before its first update; a resumed run loads them from the checkpoint instead.
+Every ActNorm layer (flow and embedder) of the global cINN is data-initialized on the latents of
+the first batch (step 0) before its first update; a resumed run loads them from the checkpoint
+instead. The convolutional cINN of the spatial latent (:class:`~invariscope.spatial.ConvolutionalINN`)
+has no data-initialized layers.
 
 Validation: the same NLL on ``cinn.n_val_crops`` fixed validation crops, each with one fixed draw
 of z (lower is better) -> ``best.pt``. Checkpoints: ``<out_dir>/<denoiser>/{last,best}.pt`` via
@@ -134,12 +138,15 @@ def vae_identity(denoiser: str, params: Params, dataset: CTDataset, vae_dir: str
 
 def fingerprint(denoiser: str, params: Params, dataset: CTDataset, vae_dir: str | Path | None = None,
                 denoiser_dir: str | Path | None = None) -> str:
-    """Configuration key of a cINN's checkpoints: the ``cinn`` section (without ``iterations``),
+    """Configuration key of a cINN's checkpoints: the ``cinn`` section (without ``iterations``
+    when the learning rate is constant),
     the seed, the data set, the denoiser and the identity of its cVAE checkpoint."""
     from .denoiser_training import dataset_key
 
     name = cinn_name(denoiser, params)
-    payload = {"cinn": params.cinn.model_dump(mode="json", exclude={"iterations"}),
+    # iterations are left out (a finished run can be extended) unless a cosine schedule uses them
+    kept = set() if params.cinn.lr_final < 1.0 else {"iterations"}
+    payload = {"cinn": params.cinn.model_dump(mode="json", exclude=kept),
                "latent_dim": params.vae.latent_dim, "crop_size": params.vae.crop_size,
                "seed": params.seed, "dataset": dataset_key(dataset), "denoiser": name,
                "vae_identity": vae_identity(name, params, dataset, vae_dir, denoiser_dir)}
