@@ -408,21 +408,12 @@ def control_measures(result: Mapping[str, np.ndarray], prior_result: Mapping[str
     prior measures NaN when ``prior_result`` is None.
     """
 
-    def sds(res: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        xt = np.asarray(res["x_tilde"])
-        inside, outside = region_masks(xt.shape[-1], square, band)
-        return invariance_sd(xt), invariance_sd(xt, sigma), inside, outside
-
-    def ratios(res: Mapping[str, np.ndarray]) -> tuple[float, float, np.ndarray]:
-        raw, smooth, inside, outside = sds(res)
-        return _ratio(smooth, inside, outside), _ratio(raw, inside, outside), raw
-
-    raw_sd, smooth_sd, inside, outside = sds(result)
+    xt = np.asarray(result["x_tilde"])
+    inside, outside = region_masks(xt.shape[-1], square, band)
+    raw_sd, smooth_sd = invariance_sd(xt), invariance_sd(xt, sigma)
     smoothed, raw_ratio = _ratio(smooth_sd, inside, outside), _ratio(raw_sd, inside, outside)
     region = lambda sd, m: float(sd[:, m].mean()) if m.any() else math.nan  # noqa: E731
-    xt = np.asarray(result["x_tilde"])
-    hf = sum(_hf_power(xt[i].astype(np.float64) - xt[i].astype(np.float64).mean(0))
-             for i in range(len(xt)))
+    hf = sum(_hf_power(inv - inv.mean(0)) for inv in (a.astype(np.float64) for a in xt))
     noise = np.asarray(result["x"], np.float64) - np.asarray(result["y"], np.float64)
     out = {
         "sd_ratio_smoothed": smoothed,
@@ -434,14 +425,16 @@ def control_measures(result: Mapping[str, np.ndarray], prior_result: Mapping[str
         "invariance_sd_hu": float(raw_sd.mean()),
         "ld_noise_sd_hu": float(np.std(noise)),
         "hf_share": float(hf[0] / hf[1]) if hf[1] > 0 else math.nan,
-        "hf_share_ld_noise": high_frequency_share(noise),
+        "hf_share_ld_noise": float(high_frequency_share(noise)),
         "sd_raw_inside_hu": region(raw_sd, inside),
         "sd_raw_outside_hu": region(raw_sd, outside),
         "sd_smoothed_inside_hu": region(smooth_sd, inside),
         "sd_smoothed_outside_hu": region(smooth_sd, outside),
     }
     if prior_result is not None:
-        out["sd_ratio_smoothed_prior"] = ratios(prior_result)[0]
+        xp = np.asarray(prior_result["x_tilde"])
+        out["sd_ratio_smoothed_prior"] = _ratio(invariance_sd(xp, sigma),
+                                                *region_masks(xp.shape[-1], square, band))
         out["output_change_hu_prior"] = _mean_abs_change(prior_result["f_x_tilde"],
                                                          prior_result["y_hat"])
     return out
