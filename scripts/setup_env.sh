@@ -23,4 +23,3 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"
-export MPLBACKEND="${MPLBACKEND:-Agg}"

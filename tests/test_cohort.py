@@ -52,3 +52,22 @@ def test_relative_mayo_root_is_taken_from_the_repo_root(params):
     absolute = rel.model_copy(update={"mayo_root": "/srv/LDCT"})
     assert cohort.mayo_root(absolute) == Path("/srv/LDCT").resolve()
     assert cohort.import_key(rel) != cohort.import_key(absolute)
+
+
+def test_relative_paths_follow_one_rule(tmp_path, monkeypatch):
+    """A relative path in a params file: next to that file first, then the repository root; a
+    missing Mayo folder is an error that states the rule."""
+    from invariscope.paths import RELATIVE_RULE
+
+    monkeypatch.setenv("INVARISCOPE_DATA", str(tmp_path / "data"))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "LDCT").mkdir()
+    prof = tmp_path / "mine" / "p.yaml"
+    prof.write_text("base: paper\nrun_name: mine\ndata:\n  mayo_root: LDCT\n")
+    params = load_params(str(prof))
+    assert cohort.mayo_root(params.data, params.source_file) == (tmp_path / "mine" / "LDCT")
+    prof.write_text("base: paper\nrun_name: mine\ndata:\n  mayo_root: nowhere\n")
+    params = load_params(str(prof))
+    with pytest.raises(DatasetError, match=r"data.mayo_root = 'nowhere' .*: no folder .*nowhere"):
+        cohort.prepare_dataset(params, progress=False)
+    assert RELATIVE_RULE.startswith("a relative path in a params file is looked up next to")

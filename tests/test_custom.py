@@ -31,6 +31,11 @@ class PlusHundred(nn.Module):
         return x + 100.0
 
 
+class Cropper(nn.Module):
+    def forward(self, x):
+        return x[..., 2:-2, 2:-2]
+
+
 def not_a_module():
     return 3
 '''
@@ -162,3 +167,15 @@ def test_adding_a_custom_denoiser_keeps_the_finished_jobs(tmp_path):
     per_method = {label for label in a if "[" in label}
     assert not changed & per_method
     assert {"denoiser[mine]", "vae[mine]", "cinn[mine]", "invariances[mine]"} <= set(b) - set(a)
+
+
+def test_wrong_output_shape_names_the_method_and_the_contract(tmp_path):
+    params = load_params(_write_profile(tmp_path, "module: mynets.py:Cropper\n"))
+    model = custom.build_custom("mine", params, (0.0, 1.0))
+    with pytest.raises(ValueError, match=r"own denoiser 'mine' \(mynets.py:Cropper\) returned "
+                       r"\(2, 1, 12, 12\) for an input of shape \(2, 1, 16, 16\): a denoiser "
+                       r"must map a batch \(N, 1, H, W\)"):
+        model(torch.zeros(2, 1, 16, 16))
+    ok = custom.build_custom("mine", load_params(_write_profile(tmp_path, "module: mynets.py:PlusHundred\n")),
+                             (0.0, 1.0))
+    assert torch.equal(ok(torch.zeros(1, 1, 8, 8)), torch.full((1, 1, 8, 8), 100.0))

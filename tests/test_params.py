@@ -98,3 +98,12 @@ def test_every_experiment_params_file_loads(path):
     params = load_params(path)
     assert params.profile and params.profile not in ("smoke", "default", "paper")
 
+
+
+@pytest.mark.parametrize("value", [True, "12", 12.5])
+def test_numbers_are_not_coerced(value):
+    """`iterations: true` or `"12"` is an error naming the key, not a silent 1 or 12."""
+    with pytest.raises(ParamsError, match=r"denoisers\.cnn10\.iterations: Input should be a valid "
+                       r"integer"):
+        load_params("smoke", {"denoisers.cnn10.iterations": value})
+    assert load_params("smoke", {"denoisers.cnn10.lr": 1}).denoisers.cnn10.lr == 1.0  # int for float

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import re
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import nbformat
@@ -15,29 +18,12 @@ from invariscope import pipeline
 from invariscope.paths import repo_root
 
 
-def test_dry_run_lists_stages_and_runs_nothing(capsys, tmp_path, monkeypatch):
-    monkeypatch.setenv("INVARISCOPE_ROOT", str(repo_root()))
-    assert pipeline.run(["--profile", "smoke", "--dry-run"]) == 0
-    out = capsys.readouterr().out
-    assert "data" in out and "runs/smoke/notebooks/00_data.ipynb" in out
-
-
-def test_paper_profile_dry_run_with_data_folder(capsys, tmp_path):
+def test_dry_run_lists_jobs_and_runs_nothing(capfd, tmp_path, monkeypatch):
     assert pipeline.run(["--profile", "paper", "--data", str(tmp_path), "--dry-run"]) == 0
-    out = capsys.readouterr().out
-    assert "[paper] data" in out
-    for d in ("cnn10", "redcnn", "wganvgg", "dugan", "gaussri"):
-        assert f"denoiser[{d}]" in out
-
-
-def test_denoiser_subset_and_stage_selection(capsys):
-    assert pipeline.run(["--profile", "smoke", "--only", "denoiser", "--denoisers", "redcnn,gaussri",
-                         "--dry-run"]) == 0
-    out = capsys.readouterr().out
-    assert "denoiser[redcnn]" in out and "denoiser[gaussri]" in out
-    assert "denoiser[cnn10]" not in out and "] data " not in out
+    out = capfd.readouterr().out
+    assert "runs/paper/notebooks/00_data.ipynb" in out and "This was a dry-run" in out
     assert pipeline.run(["--profile", "smoke", "--denoisers", "unet", "--dry-run"]) == 2
-    assert "not in the profile's denoisers" in capsys.readouterr().err
+    assert "not in the profile's denoisers" in capfd.readouterr().err
 
 
 def test_bad_arguments_are_reported(capsys, tmp_path):
@@ -132,96 +118,190 @@ def test_stamps_depend_only_on_what_a_job_reads():
 
 @pytest.fixture
 def fake_root(tmp_path, monkeypatch):
-    """A copy of params/ and notebooks/ as the repo root, papermill replaced by a recorder:
-    returns (root, calls), calls being (notebook, parameters) of every execution."""
-    import papermill
-
+    """A copy of params/, notebooks/ and workflow/ as the repo root; the workflow's jobs run
+    tests/_fake_runner.py instead of papermill (it records each job in calls.jsonl and writes
+    the job's outputs). Returns (root, calls), calls() reading the recorded jobs."""
     root = tmp_path / "root"
-    for d in ("params", "notebooks"):
+    for d in ("params", "notebooks", "workflow"):
         shutil.copytree(repo_root() / d, root / d)
+    runner = Path(__file__).resolve().parent / "_fake_runner.py"
     monkeypatch.setenv("INVARISCOPE_ROOT", str(root))
+    monkeypatch.setenv("INVARISCOPE_JOB_RUNNER", f"{sys.executable} {runner}")
     monkeypatch.delenv("INVARISCOPE_CALLER_CWD", raising=False)
-    calls = []
+    monkeypatch.delenv("FAKE_INTERRUPT", raising=False)
 
-    def fake_execute(src, dst, parameters, **kw):
-        calls.append((src.rsplit("/", 1)[-1], dict(parameters)))
-        (root / dst).write_text("{}")
+    def calls(clear: bool = True) -> list[dict]:
+        f = root / "calls.jsonl"
+        out = [json.loads(ln) for ln in f.read_text().splitlines()] if f.is_file() else []
+        if clear:
+            f.unlink(missing_ok=True)
+        return out
 
-    monkeypatch.setattr(papermill, "execute_notebook", fake_execute)
     return root, calls
 
 
-def _statuses(out: str) -> dict[str, str]:
-    """Job label -> "run" / "skip" from run()'s printed lines."""
-    rows = [ln.split() for ln in out.splitlines() if ln.startswith("[") and " -> " in ln]
-    return {r[1]: "skip" if "skip" in r else "run" for r in rows}
+_RULE = re.compile(r"^rule (\w+):")
+_WILDCARD = re.compile(r"^\s+wildcards: denoiser=(\S+)")
 
 
-def test_selected_jobs_run_under_their_full_plan_stamps(fake_root, capsys):
-    """--only/--from/--denoisers run a job under the stamp a full run gives it (the stamps come
-    from the full plan, upstream jobs and all methods included), so a full run skips it."""
-    from invariscope.params import load_params
+def _planned(out: str) -> set[str]:
+    """Job labels of a Snakemake dry run's output (rule blocks with their wildcards)."""
+    labels, rule = [], None
+    for line in out.splitlines():
+        if m := _RULE.match(line):
+            rule = "denoiser" if m[1] == "denoiser_untrained" else m[1]
+            labels.append(rule)
+        elif (m := _WILDCARD.match(line)) and rule:
+            labels[-1] = f"{rule}[{m[1]}]"
+    return set(labels)
 
+
+def _dry(capfd, *args: str) -> set[str]:
+    assert pipeline.run(["--profile", "smoke", *args, "--dry-run"]) == 0
+    return _planned(capfd.readouterr().out)
+
+
+ALL_SMOKE = {j.label for j in pipeline.plan("smoke", None, None, None,
+                                            ["cnn10", "redcnn", "wganvgg", "dugan", "gaussri"],
+                                            spatial=True)}
+
+
+def test_dag_of_each_profile_is_the_stage_list(fake_root, capfd):
+    """A dry run of a fresh root lists every job of the plan, once, with its rule and wildcard."""
+    assert _dry(capfd) == ALL_SMOKE and len(ALL_SMOKE) == 28
+    assert pipeline.run(["--profile", "paper", "--data", str(fake_root[0]), "--dry-run"]) == 0
+    paper = _planned(capfd.readouterr().out)
+    assert "vae[unconditional_spatial]" not in paper and "vae[unconditional]" in paper
+    assert paper == {j.label for j in pipeline.plan(
+        "paper", None, None, None, ["cnn10", "redcnn", "wganvgg", "dugan", "gaussri"])}
+
+
+def test_selections_and_order(fake_root, capfd):
     root, calls = fake_root
-    for selection in (["--only", "analysis"], ["--from", "cinn", "--denoisers", "gaussri"],
-                      ["--only", "vae", "--denoisers", "redcnn"]):
-        assert pipeline.run(["--profile", "smoke", *selection]) == 0
-    capsys.readouterr()
-    assert pipeline.run(["--profile", "smoke", "--dry-run"]) == 0
-    status = _statuses(capsys.readouterr().out)
-    assert {label for label, s in status.items() if s == "skip"} == {
-        "vae[unconditional]", "vae[unconditional_spatial]", "vae[redcnn]", "cinn[gaussri]",
-        "invariances[gaussri]", "figure5", "embedding", "analysis"}
-    params = load_params("smoke")
-    full = pipeline.stamps(pipeline.plan("smoke", None, None, None, params.denoisers.methods,
-                                         spatial=True), params.model_dump(mode="json"))
-    done = json.loads((root / "runs/smoke/notebooks/06_analysis.done.json").read_text())
-    assert done["stamp"] == full["analysis"]
+    # --only with its inputs missing: Snakemake stops and names them
+    assert pipeline.run(["--profile", "smoke", "--only", "denoiser", "--dry-run"]) == 2
+    assert "Missing input files" in capfd.readouterr().out
+    # --denoisers: the picked methods' chains and their shared upstream jobs, no summaries
+    assert _dry(capfd, "--denoisers", "gaussri") == {
+        "data", "denoiser[gaussri]", "vae[unconditional]", "vae[unconditional_spatial]",
+        "vae[gaussri]", "cinn[gaussri]", "invariances[gaussri]"}
+    assert pipeline.run(["--profile", "smoke", "--jobs", "2"]) == 0
+    order = [c["job"] for c in calls()]
+    assert set(order) == ALL_SMOKE and len(order) == len(ALL_SMOKE)
+    pos = {label: i for i, label in enumerate(order)}
+    for label in ALL_SMOKE:  # every job after the jobs it reads
+        stage, _, den = label.partition("[")
+        job = next(j for j in pipeline.plan("smoke", None, None, None, ["cnn10", "redcnn",
+                   "wganvgg", "dugan", "gaussri"], spatial=True) if j.label == label)
+        from invariscope.workflow import Workflow
+
+        wf = Workflow.from_config({"profile": "smoke"})
+        assert all(pos[u.label] < pos[label] for u in wf.upstream(job))
+    assert _dry(capfd) == set()  # all done
+    assert _dry(capfd, "--only", "denoiser", "--denoisers", "redcnn,gaussri", "--force") == {
+        "denoiser[redcnn]", "denoiser[gaussri]"}
+    rows = (root / "runs/smoke/timings.csv").read_text().splitlines()
+    assert rows[0] == "job,seconds,max_rss_mb,finished" and len(rows) == 1 + len(ALL_SMOKE)
+
+
+def test_reruns_never_trust_a_half_finished_job(fake_root, capfd, monkeypatch):
+    root, calls = fake_root
+    assert pipeline.run(["--profile", "smoke", "--denoisers", "gaussri"]) == 0
+    calls()
+    # interrupted (forced or not): rerun next time, and what reads it
+    for force in ([], ["--force"]):
+        if not force:  # out of date, so that a plain run starts it
+            (root / "runs/smoke/cinn/gaussri/best.pt").unlink()
+        monkeypatch.setenv("FAKE_INTERRUPT", "cinn[gaussri]")
+        assert pipeline.run(["--profile", "smoke", "--only", "cinn", "--denoisers", "gaussri",
+                             *force]) != 0
+        monkeypatch.delenv("FAKE_INTERRUPT")
+        assert calls() == [{"job": "cinn[gaussri]", "force": bool(force)}]
+        assert _dry(capfd, "--denoisers", "gaussri") == {"cinn[gaussri]", "invariances[gaussri]"}
+        assert pipeline.run(["--profile", "smoke", "--denoisers", "gaussri"]) == 0
+        assert calls() == [{"job": "cinn[gaussri]", "force": False},
+                           {"job": "invariances[gaussri]", "force": False}]
+    # a deleted output (a checkpoint, a figure) is rebuilt
+    (root / "runs/smoke/vae/gaussri/best.pt").unlink()
+    assert _dry(capfd, "--denoisers", "gaussri") == {
+        "vae[gaussri]", "cinn[gaussri]", "invariances[gaussri]"}
+    assert pipeline.run(["--profile", "smoke", "--denoisers", "gaussri"]) == 0
+    calls()
+    # a markdown edit reruns nothing; a code edit reruns the stage and what reads it
+    nb_file = root / "notebooks" / "03_cinn.ipynb"
+    nb = nbformat.read(nb_file, as_version=4)
+    md = next(c for c in nb.cells if c.cell_type == "markdown")
+    md.source += "\n\nA clarified sentence."
+    nbformat.write(nb, nb_file)
+    assert _dry(capfd, "--denoisers", "gaussri") == set()
+    code = next(c for c in nb.cells if c.cell_type == "code" and "parameters" not in c.metadata.get("tags", []))
+    code.source += "\n# a changed line of code"
+    nbformat.write(nb, nb_file)
+    assert _dry(capfd, "--denoisers", "gaussri") == {"cinn[gaussri]", "invariances[gaussri]"}
+
+
+def test_params_changes_rerun_exactly_the_stages_that_read_them(fake_root, capfd):
+    root, calls = fake_root
+    assert pipeline.run(["--profile", "smoke"]) == 0
+    prof = root / "params" / "retuned.yaml"
+    prof.write_text("base: smoke\nrun_name: smoke\ncinn:\n  lr: 1.234e-4\n")
+    assert pipeline.run(["--profile", str(prof), "--dry-run"]) == 0
+    methods = ("cnn10", "redcnn", "wganvgg", "dugan", "gaussri")
+    assert _planned(capfd.readouterr().out) == {
+        *(f"cinn[{m}]" for m in methods), *(f"invariances[{m}]" for m in methods), "figure5",
+        "embedding", "analysis"}
+    prof.write_text("base: smoke\nrun_name: smoke\ndenoisers:\n  cnn10: {iterations: 21, "
+                    "batch_size: 4, patch_size: 32, lr: 1.0e-3}\n")
+    assert pipeline.run(["--profile", str(prof), "--dry-run"]) == 0
+    assert _planned(capfd.readouterr().out) == {
+        "denoiser[cnn10]", "vae[cnn10]", "cinn[cnn10]", "invariances[cnn10]", "table1", "figure4",
+        "figure5", "embedding", "analysis"}
 
 
 def test_force_with_denoisers_keeps_the_shared_extra_runs(fake_root):
-    """--force --denoisers reruns the picked methods' jobs, not the unconditional VAE they share
-    (unless it is out of date); --force alone still reruns everything selected."""
+    """--force --denoisers reruns the picked methods' jobs, not the unconditional VAE they share;
+    --force alone reruns everything selected; a forced run leaves the stamps of a plain one."""
     root, calls = fake_root
-    assert pipeline.run(["--profile", "smoke", "--only", "vae", "--denoisers", "gaussri"]) == 0
-    assert [p["denoiser"] for _, p in calls] == ["unconditional", "unconditional_spatial", "gaussri"]
-    for selection in (["--only", "vae"], ["--from", "vae"]):
-        calls.clear()
-        assert pipeline.run(["--profile", "smoke", *selection, "--denoisers", "gaussri",
-                             "--force"]) == 0
-        vae = [p for nb, p in calls if nb == "02_vae.ipynb"]
-        assert vae == [{"profile": "smoke", "data_root": "", "denoiser": "gaussri", "force": True}]
-    calls.clear()
-    (root / "runs/smoke/notebooks/02_vae_unconditional.done.json").unlink()   # now stale
+    assert pipeline.run(["--profile", "smoke", "--until", "vae"]) == 0
+    calls()
     assert pipeline.run(["--profile", "smoke", "--only", "vae", "--denoisers", "gaussri",
                          "--force"]) == 0
-    assert [(p["denoiser"], p.get("force")) for _, p in calls] == [
-        ("unconditional", None), ("gaussri", True)]
-    calls.clear()
+    assert calls() == [{"job": "vae[gaussri]", "force": True}]
     assert pipeline.run(["--profile", "smoke", "--only", "vae", "--force"]) == 0
-    assert calls[0][1]["denoiser"] == "unconditional"
-    assert all(p.get("force") for _, p in calls)
+    got = calls()
+    assert {c["job"] for c in got} >= {"vae[unconditional]", "vae[cnn10]"}
+    assert all(c["force"] for c in got)
+    assert pipeline.run(["--profile", "smoke", "--only", "vae"]) == 0
+    assert calls() == []
 
 
-def test_timings_cover_every_finished_job(fake_root):
-    """timings.csv lists every job of the full plan that finished once, not just this run's."""
+def test_two_runs_of_one_folder_exclude_each_other(fake_root, capfd):
+    """One run per folder: a second concurrent run stops at once; the Snakemake lock left by a
+    killed run (no run alive) is removed, so the next run starts."""
+    import fcntl
+
     root, calls = fake_root
-    assert pipeline.run(["--profile", "smoke", "--only", "vae", "--denoisers", "gaussri"]) == 0
-    assert pipeline.run(["--profile", "smoke", "--only", "analysis"]) == 0
-    rows = (root / "runs/smoke/timings.csv").read_text().splitlines()
-    assert rows[0] == "job,seconds,finished"
-    assert [r.split(",")[0] for r in rows[1:]] == ["vae[unconditional]", "vae[unconditional_spatial]",
-                                                   "vae[gaussri]", "analysis"]
+    (root / ".snakemake").mkdir()
+    with open(root / ".snakemake" / "run_all.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # a run in progress
+        assert pipeline.run(["--profile", "smoke", "--only", "data"]) == 2
+        assert "another ./run_all.sh is running" in capfd.readouterr().err and calls() == []
+    locks = root / ".snakemake" / "locks"
+    locks.mkdir()
+    (locks / "0.output.lock").write_text(str(root / "runs/smoke/notebooks/00_data.ipynb") + "\n")
+    assert pipeline.run(["--profile", "smoke", "--only", "data"]) == 0
+    assert "removed the lock left by an interrupted run" in capfd.readouterr().err
+    assert [c["job"] for c in calls()] == ["data"]
 
 
-def test_dry_run_creates_nothing(fake_root):
+def test_dry_run_creates_nothing(fake_root, capfd):
     root, calls = fake_root
     assert pipeline.run(["--profile", "smoke", "--dry-run"]) == 0
     assert pipeline.run(["--profile", str(EXAMPLE), "--dry-run"]) == 0
-    assert not (root / "runs").exists() and not (root / "figures").exists() and calls == []
+    assert not (root / "runs").exists() and not (root / "figures").exists() and calls() == []
 
 
-def test_relative_paths_are_the_callers(fake_root, tmp_path, monkeypatch, capsys):
+def test_relative_paths_are_the_callers(fake_root, tmp_path, monkeypatch, capfd):
     """--profile FILE.yaml and --data DIR are relative to the caller's folder ($INVARISCOPE_CALLER_CWD,
     which run_all.sh sets before it changes into the repo root; else the process's cwd)."""
     caller = tmp_path / "caller"
@@ -230,7 +310,7 @@ def test_relative_paths_are_the_callers(fake_root, tmp_path, monkeypatch, capsys
     monkeypatch.chdir(fake_root[0])
     monkeypatch.setenv("INVARISCOPE_CALLER_CWD", str(caller))
     assert pipeline.run(["--profile", "mine.yaml", "--data", "mayo", "--dry-run"]) == 0
-    assert "[smoke] data" in capsys.readouterr().out
+    assert "runs/smoke/notebooks/00_data.ipynb" in capfd.readouterr().out
     monkeypatch.delenv("INVARISCOPE_CALLER_CWD")
     monkeypatch.chdir(caller)
     assert pipeline.run(["--profile", "mine.yaml", "--data", "mayo", "--dry-run"]) == 0
@@ -284,59 +364,159 @@ def test_custom_denoiser_code_and_weights_reach_the_stamps(tmp_path):
         base = changed
 
 
-def test_custom_denoiser_change_reruns_its_jobs(fake_root, tmp_path, capsys):
+def test_custom_denoiser_change_reruns_its_jobs(fake_root, tmp_path, capfd):
+    root, calls = fake_root
     params = _own_denoiser(tmp_path / "own")
     args = ["--profile", str(params), "--only", "denoiser", "--denoisers", "smooth"]
+    assert pipeline.run(["--profile", str(params), "--only", "data"]) == 0
     assert pipeline.run(args) == 0
-    capsys.readouterr()
+    assert [c["job"] for c in calls()] == ["data", "denoiser[smooth]"]
     assert pipeline.run(args + ["--dry-run"]) == 0
-    assert _statuses(capsys.readouterr().out) == {"denoiser[smooth]": "skip"}
+    assert _planned(capfd.readouterr().out) == set()
     with open(tmp_path / "own" / "my_denoiser.py", "a") as fh:
         fh.write("\n# a changed denoiser\n")
     assert pipeline.run(args + ["--dry-run"]) == 0
-    assert _statuses(capsys.readouterr().out) == {"denoiser[smooth]": "run"}
+    assert _planned(capfd.readouterr().out) == {"denoiser[smooth]"}
     (tmp_path / "own" / "my_denoiser.py").unlink()
     assert pipeline.run(args + ["--dry-run"]) == 2
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert err.startswith("error: ") and "my_denoiser.py" in err and "not found" in err
 
 
-def test_own_denoiser_example_dry_run_reuses_the_default_run(capsys):
+def test_own_denoiser_example_dry_run_reuses_the_default_run(capfd):
     """The example params file adds one method to the default profile's run folder."""
     assert pipeline.run(["--profile", EXAMPLE, "--dry-run"]) == 0
-    out = capsys.readouterr().out
-    assert "[default] denoiser[smooth]" in out and "[default] invariances[smooth]" in out
+    out = capfd.readouterr().out
+    assert "runs/default/notebooks/01_denoiser_smooth.ipynb" in out
 
 
-def test_force_reruns_from_scratch_without_changing_stamps(fake_root):
-    """--force passes force=True to notebooks that take it; the stamps stay those of a plain run."""
-    root, calls = fake_root
-    args = ["--profile", "smoke", "--from", "figure5", "--denoisers", "gaussri"]
-    assert pipeline.run(args + ["--force"]) == 0
-    forced = {nb: p.get("force") for nb, p in calls}
-    assert forced == {"04b_figure5_controls.ipynb": None, "05_embedding.ipynb": True,
-                      "06_analysis.ipynb": True}
-    calls.clear()
-    assert pipeline.run(args) == 0          # a plain run finds the forced runs up to date
-    assert calls == []
-
-
-def test_missing_weights_stop_a_run_before_it_starts(fake_root, tmp_path, capsys):
+def test_missing_weights_stop_a_run_before_it_starts(fake_root, tmp_path, capfd):
     """A weights file that a selected stage would load but that is missing stops the run at once
     (a dry run warns); stages that load no weights are not held up."""
     root, calls = fake_root
     prof = tmp_path / "w.yaml"
     prof.write_text("base: smoke\nrun_name: smoke\nvae:\n  vgg16_weights: data/weights/none.pth\n")
     assert pipeline.run(["--profile", str(prof), "--from", "vae"]) == 2
-    err = capsys.readouterr().err
-    assert "vae.vgg16_weights = 'data/weights/none.pth': no file" in err and calls == []
+    err = capfd.readouterr().err
+    assert "vae.vgg16_weights = 'data/weights/none.pth': no file" in err and calls() == []
     assert pipeline.run(["--profile", str(prof), "--dry-run"]) == 0
-    assert "warning: a run would stop here" in capsys.readouterr().err
+    assert "warning: a run would stop here" in capfd.readouterr().err
     assert pipeline.run(["--profile", str(prof), "--only", "data"]) == 0
-    assert [nb for nb, _ in calls] == ["00_data.ipynb"]
+    assert [c["job"] for c in calls()] == ["data"]
     (root / "data" / "weights").mkdir(parents=True)
     (root / "data" / "weights" / "none.pth").write_bytes(b"")
     from invariscope.params import load_params
 
     jobs = pipeline.plan("smoke", None, "vae", None, ["gaussri"])
     assert pipeline.missing_weights(jobs, load_params(str(prof))) == []
+
+
+def test_changed_dicom_tree_is_imported_again(tmp_path, monkeypatch):
+    """A file added, rewritten or removed in the Mayo tree changes the import key (a new cache
+    folder) and the data job's stamp (the workflow reruns the data stage and what follows)."""
+    from invariscope import cohort
+    from invariscope.params import load_params
+
+    tree = tmp_path / "mayo" / "L067"
+    tree.mkdir(parents=True)
+    (tree / "a.dcm").write_bytes(b"slice a")
+    params = load_params("paper", {"data.mayo_root": str(tmp_path / "mayo")})
+    jobs = pipeline.plan("paper", None, None, None, params.denoisers.methods)
+    dump = params.model_dump(mode="json")
+
+    def state():
+        return cohort.import_key(params.data), pipeline.stamps(
+            jobs, dump, pipeline.custom_identities(params))["data"]
+
+    seen = [state()]
+    (tree / "b.dcm").write_bytes(b"slice b")  # added
+    seen.append(state())
+    time.sleep(0.01)
+    (tree / "a.dcm").write_bytes(b"slice A, repaired")  # rewritten
+    seen.append(state())
+    (tree / "b.dcm").unlink()  # removed
+    seen.append(state())
+    assert len({k for k, _ in seen}) == 4 and len({s for _, s in seen}) == 4
+    assert state() == seen[-1]  # unchanged tree, same key
+
+
+def test_skipped_mayo_files_are_reported_on_the_terminal(tmp_path, monkeypatch, capsys):
+    from invariscope import cohort
+    from invariscope.params import load_params
+
+    monkeypatch.setenv("INVARISCOPE_DATA", str(tmp_path / "data"))
+    (tmp_path / "mayo").mkdir()
+    params = load_params("paper", {"data.mayo_root": str(tmp_path / "mayo"),
+                                   "data.on_error": "skip"})
+    folder = cohort.mayo_import_dir(params.data)
+    folder.mkdir(parents=True)
+    (folder / "import_report.json").write_text(json.dumps({
+        "skipped_files": [{"patient": "L067", "file": "x.dcm"}, {"patient": "L067", "file": "y"}],
+        "skipped_patients": [{"patient": "L096", "reason": "no low-dose series"}]}))
+    pipeline._report_skipped(params)
+    err = capsys.readouterr().err
+    assert "skipped 2 file(s) and 1 patient(s)" in err and str(folder / "import_report.md") in err
+
+
+def test_slurm_dry_run_lists_jobs_with_their_requests(tmp_path, capfd):
+    """--executor slurm: every job with the GPU, memory and time request of params cluster."""
+    assert pipeline.run(["--profile", "paper", "--data", str(tmp_path), "--executor", "slurm",
+                         "--dry-run"]) == 0
+    out = capfd.readouterr().out
+    assert "--executor slurm" in out and "--retries 2" in out and "--keep-going" in out
+    blocks = out.split("rule ")[1:]
+    assert len(blocks) == 27
+    den = next(b for b in blocks if b.startswith("denoiser:") and "denoiser=dugan" in b)
+    assert "runtime=4320" in den and "gpu=1" in den and "mem_mb=64000" in den
+    table = next(b for b in blocks if b.startswith("table1:"))
+    assert "gpu=0" in table and "runtime=120" in table
+
+
+def test_gpu_jobs_hold_distinct_devices(tmp_path):
+    """--gpus: each running job holds its own device of the list; a job waits for a free one."""
+    import threading
+
+    from invariscope.workflow import claim_gpu
+
+    with claim_gpu(["0", "1"], tmp_path) as a, claim_gpu(["0", "1"], tmp_path) as b:
+        assert {a, b} == {"0", "1"}
+        got = []
+        t = threading.Thread(target=lambda: got.append(
+            next(iter([g for g in [claim_gpu(["0", "1"], tmp_path, 0.01).__enter__()]]))))
+        t.start()
+        t.join(0.3)
+        assert t.is_alive() and got == []  # both busy: the third job waits
+    t.join(2)
+    assert got and got[0] in ("0", "1")
+
+
+def test_gpu_run_command_line(fake_root, capfd):
+    """--gpus 0,1: two jobs at once, each rule asks for one GPU, the devices reach the jobs."""
+    root, calls = fake_root
+    params = pipeline.load_params("smoke")
+    args = pipeline.argparse.Namespace(profile="smoke", data=None, jobs=2, threads=1,
+                                       executor="local", only=None, start=None, force=False,
+                                       denoisers=None, dry_run=True)
+    cmd, env = pipeline.snakemake_command(params, args, pipeline.plan("smoke", None, None, None,
+                                                                     ["gaussri"]), ["0", "1"])
+    assert env["INVARISCOPE_GPUS"] == "0,1"
+    assert cmd[cmd.index("--resources") + 1] == "gpu=2" and "vae:gpu=1" in cmd
+    assert cmd[cmd.index("--jobs") + 1] == "2"
+
+
+EXPERIMENTS = sorted((repo_root() / "params" / "experiments").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
+def test_every_experiment_params_file_builds_its_workflow(path):
+    """Each params/experiments/*.yaml loads and yields the workflow a run would execute."""
+    from invariscope.workflow import Workflow
+
+    wf = Workflow.from_config({"profile": str(path)})
+    assert wf.stamps and len(wf.jobs) >= 27 and wf.profile == wf.params.profile
+
+
+def test_experiment_dry_run(capfd):
+    path = repo_root() / "params" / "experiments" / "global_adv0.yaml"
+    assert pipeline.run(["--profile", str(path), "--denoisers", "gaussri,cnn10", "--dry-run"]) == 0
+    assert "runs/global_adv0/notebooks/02_vae_gaussri.ipynb" in capfd.readouterr().out

@@ -95,6 +95,24 @@ def test_best_checkpoint_follows_validation(small_dataset, tmp_path):
         existing_checkpoint(tmp_path, "m", "run it")
 
 
+def test_deleted_best_checkpoint_is_restored_from_last(small_dataset, tmp_path):
+    """The workflow deletes a job's outputs (best.pt) before it reruns an interrupted job: the
+    resumed run restores the best weights it had, not the last ones."""
+    model, opt, stream, step_fn = _setup(small_dataset)
+    scores = iter([0.1, 0.9, 0.3, 0.2])
+    train(step_fn, stream.iterate_from, 6, tmp_path, {"m": model}, {"o": opt}, "fp", seed=1,
+          checkpoint_every=2, validate_fn=lambda: next(scores), progress=False)
+    best_weights = torch.load(tmp_path / "best.pt", weights_only=False)["modules"]["m"]
+    (tmp_path / "best.pt").unlink()
+    model, opt, stream, step_fn = _setup(small_dataset)  # a fresh process resumes at step 6
+    res = train(step_fn, stream.iterate_from, 8, tmp_path, {"m": model}, {"o": opt}, "fp", seed=1,
+                checkpoint_every=2, validate_fn=lambda: next(scores), progress=False)
+    assert res.resumed_from == 6 and res.best_step == 4
+    assert load_best(tmp_path, {"m": model}, "fp") == 4
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, best_weights[k])
+
+
 def test_batch_stream_is_addressable_by_step(small_dataset):
     stream = BatchStream(small_dataset, 16, batch_size=2, seed=3, steps_per_epoch=3)
     full = [x for (x, _), _ in zip(stream.iterate_from(0), range(7))]

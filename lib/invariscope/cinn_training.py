@@ -241,7 +241,7 @@ def _latent_pool(vae: nn.Module, den: nn.Module, params: Params, dataset: CTData
                  denoiser_dir: str | Path | None) -> dict[str, torch.Tensor]:
     """ŷ, μ and log σ² of the pool's fixed training crops (:func:`pool_size`; ŷ shared with the
     cVAE through :func:`invariscope.vae_training.training_pool`), cached in ``latent_pool.pt``."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     from .vae_training import training_pool
 

@@ -12,18 +12,20 @@ Both end as the same on-disk format (:mod:`invariscope.dataset`).
 
 from __future__ import annotations
 
+import csv
 import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from . import ctsim, phantom
 from .dataset import CTDataset, DatasetError, DatasetWriter
 from .metrics import rmse_hu
 from .params import DataParams, Params, SimulationParams, digest
-from .paths import data_dir, from_repo_root
+from .paths import RELATIVE_RULE, data_dir, resolve_setting
+
 
 def assign_splits(n_train: int, n_val: int, n_test: int, seed: int) -> list[str]:
     """Split labels for patients 0..n-1: a seeded permutation, 35/10/5 in the paper."""
@@ -40,7 +42,7 @@ def simulation_key(data: DataParams) -> str:
     """Cache key of a simulated cohort: every parameter that changes its content."""
     return digest({"sim": data.simulation.model_dump(mode="json"),
                    "split": data.split.model_dump(mode="json"), "split_seed": data.split_seed,
-                   "format": 1})
+                   "format": 2})  # 2: noise draws of fixed random-number consumption
 
 
 def simulate_patient(
@@ -88,16 +90,34 @@ def build_simulated_cohort(data: DataParams, root: Path | None = None, progress:
     return writer.finalize(normalization=None)
 
 
-def mayo_root(data: DataParams) -> Path:
-    """``data.mayo_root`` as an absolute path; a relative setting is taken from the repository
-    root (like the weights files), whatever folder a notebook runs in."""
-    return from_repo_root(str(data.mayo_root)).resolve()
+def mayo_root(data: DataParams, source_file: str | None = None) -> Path:
+    """``data.mayo_root`` of the params file ``source_file`` as an absolute path
+    (:data:`~invariscope.paths.RELATIVE_RULE`), whatever folder a notebook runs in."""
+    return resolve_setting(str(data.mayo_root), source_file).resolve()
 
 
-def import_key(data: DataParams) -> str:
-    """Cache key of an imported Mayo tree."""
-    return digest({"root": str(mayo_root(data)),
-                   "on_error": data.on_error, "format": 1})
+def tree_fingerprint(root: Path) -> str:
+    """Digest of a folder tree's files (relative path, size, modification time): changes when a
+    file is added, removed or rewritten."""
+    entries = []
+    if root.is_dir():
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            st = path.stat()
+            entries.append([str(path.relative_to(root)), st.st_size, st.st_mtime_ns])
+    return digest({"files": entries}, length=16)
+
+
+def import_key(data: DataParams, source_file: str | None = None) -> str:
+    """Cache key of an imported Mayo tree: its folder, ``on_error`` and the files in it (a
+    repaired, added or removed DICOM file is imported again)."""
+    root = mayo_root(data, source_file)
+    return digest({"root": str(root), "on_error": data.on_error, "tree": tree_fingerprint(root),
+                   "format": 1})
+
+
+def mayo_import_dir(data: DataParams, source_file: str | None = None) -> Path:
+    """The cache folder of an imported Mayo tree: ``data/mayo/<import key>``."""
+    return data_dir() / "mayo" / import_key(data, source_file)
 
 
 def simulated_root(data: DataParams) -> Path:
@@ -132,12 +152,16 @@ def prepare_dataset(params: Params, progress: bool = True, force: bool = False) 
             f"data.mayo_root in {params.source_file}"
         )
 
-    root = data_dir() / "mayo" / import_key(data)
+    source = mayo_root(data, params.source_file)
+    if not source.is_dir():
+        raise DatasetError(f"data.mayo_root = {str(data.mayo_root)!r} ({params.source_file}): no "
+                           f"folder {source} ({RELATIVE_RULE})")
+    root = mayo_import_dir(data, params.source_file)
     if force:
         _remove_cache(root)
     if (root / "manifest.json").is_file():
         return CTDataset(root)
-    return import_mayo(mayo_root(data), root, on_error=data.on_error,
+    return import_mayo(source, root, on_error=data.on_error,
                        progress=progress)
 
 
@@ -188,3 +212,31 @@ def noise_check(sim: SimulationParams, n_repeats: int = 4, seed: int = 0) -> dic
         "bias_low_hu": float(np.mean((low - clean)[:, roi])),
         "bias_full_hu": float(np.mean((full - clean)[:, roi])),
     }
+
+
+#: Rows of ``data_physics.csv`` that identify a cohort.
+HASH_ROW, KEY_ROW = "cohort content hash", "cohort parameters key"
+
+
+def committed_hash_check(dataset: CTDataset, data: DataParams, csv_file: Path) -> tuple[bool, str]:
+    """Compare a simulated cohort's content hash with the one recorded in ``csv_file`` (the
+    committed ``figures/<profile>/data_physics.csv``, read before this run overwrites it).
+
+    Returns (ok, message). ``ok`` is False only when the file records the same simulation
+    parameters (:func:`simulation_key`) but another hash: the cohort should have come out
+    identical and did not. No file, another key or Mayo data: nothing to compare, ok.
+    """
+    if dataset.source != "simulated":
+        return True, "Mayo data: no committed hash to compare with"
+    try:
+        rows = dict(csv.reader(csv_file.open()))
+    except (OSError, ValueError):
+        return True, f"no committed {csv_file.name} to compare the cohort hash with"
+    if rows.get(KEY_ROW) != simulation_key(data) or HASH_ROW not in rows:
+        return True, f"{csv_file.name} records another cohort (other data parameters): not compared"
+    if rows[HASH_ROW] == dataset.content_hash:
+        return True, f"cohort hash {dataset.content_hash}: identical to the committed cohort"
+    return False, (f"cohort hash {dataset.content_hash} differs from the committed {rows[HASH_ROW]} "
+                   "for the same data parameters: this machine simulated another cohort, so every "
+                   "later result can differ from the committed ones (docs/reproducibility.md)")
+

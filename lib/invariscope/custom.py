@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .params import CustomDenoiserParams, Params
-from .paths import repo_root
+from .paths import RELATIVE_RULE, repo_root, resolve_setting
 
 __all__ = ["is_custom", "spec", "build_custom", "identity", "HUAdapter"]
 
@@ -39,18 +39,19 @@ def spec(name: str, params: Params) -> CustomDenoiserParams:
 
 
 def _resolve(setting: str, params: Params, what: str) -> Path:
-    """A file setting: absolute, or relative to the params file's folder, or to the repo root."""
+    """A file setting (:data:`~invariscope.paths.RELATIVE_RULE`); FileNotFoundError naming
+    where it was looked for."""
     path = Path(setting).expanduser()
     if path.is_absolute():
         tried = [path]
     else:
         bases = [Path(params.source_file).parent] if params.source_file else []
         tried = [base / path for base in [*bases, repo_root()]]
-    for candidate in tried:
-        if candidate.is_file():
-            return candidate.resolve()
+    found = resolve_setting(setting, params.source_file)
+    if found.is_file():
+        return found.resolve()
     raise FileNotFoundError(f"{params.source_file}: {what} {setting!r} not found (looked at "
-                            f"{', '.join(map(str, tried))})")
+                            f"{', '.join(map(str, tried))}: {RELATIVE_RULE})")
 
 
 def _import(module: str, params: Params) -> object:
@@ -82,6 +83,26 @@ class HUAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (self.model(x * self.std_hu + self.mean_hu) - self.mean_hu) / self.std_hu
+
+
+class ContractCheck(nn.Module):
+    """Wraps a custom denoiser: its output must have the input's shape ``(N, 1, H, W)``; any
+    other shape stops with an error naming the method, both shapes and the contract."""
+
+    def __init__(self, model: nn.Module, name: str, module: str) -> None:
+        super().__init__()
+        self.model, self.name, self.module = model, name, module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.model(x)
+        if not isinstance(y, torch.Tensor) or y.shape != x.shape:
+            got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+            raise ValueError(
+                f"own denoiser {self.name!r} ({self.module}) returned {got} for an input of shape "
+                f"{tuple(x.shape)}: a denoiser must map a batch (N, 1, H, W) to a tensor of the "
+                "same shape (one denoised image per input image, same size; README, 'Your own "
+                "denoiser')")
+        return y
 
 
 def _state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -124,6 +145,7 @@ def build_custom(name: str, params: Params, normalization: tuple[float, float]) 
                              f"{list(missing)[:5]}, unexpected keys {list(unexpected)[:5]}")
     if entry.input == "hu":
         model = HUAdapter(model, *normalization)
+    model = ContractCheck(model, name, entry.module)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()

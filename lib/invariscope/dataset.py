@@ -9,12 +9,14 @@ A dataset is a folder::
 
 Values are Hounsfield units clipped to [-1024, 3071], as a scanner stores them. The manifest
 records the source, the parameters it was built from, each patient's split, slice count,
-pixel spacing and slice positions, and the normalization constants (HU mean and SD) used to
-feed networks. Every later stage reads data only through :class:`CTDataset`.
+pixel spacing and slice positions, the normalization constants (HU mean and SD) used to
+feed networks and a content hash of all of it (:func:`content_hash`: the same cohort on any
+machine has the same hash). Every later stage reads data only through :class:`CTDataset`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +55,22 @@ class PatientInfo:
 def to_hu_int16(hu: np.ndarray) -> np.ndarray:
     """Round and clip HU values to the stored int16 range."""
     return np.clip(np.rint(hu), HU_MIN, HU_MAX).astype(np.int16)
+
+
+def content_hash(root: str | Path, patients: dict[str, dict[str, Any]]) -> str:
+    """SHA-256 (first 16 hex digits) of a dataset's content: per patient (sorted), its id, split,
+    slice positions and the int16 values of both doses. Independent of file timestamps and of
+    the ``.npy`` headers' layout."""
+    h = hashlib.sha256()
+    for pid in sorted(patients):
+        rec = patients[pid]
+        h.update(json.dumps([pid, rec["split"], rec["pixel_spacing_mm"], rec["positions_mm"]])
+                 .encode())
+        for dose in ("low", "full"):
+            a = np.load(Path(root) / pid / f"{dose}.npy", mmap_mode="r")
+            h.update(str(a.shape).encode())
+            h.update(np.ascontiguousarray(a, dtype="<i2").tobytes())
+    return h.hexdigest()[:16]
 
 
 class DatasetWriter:
@@ -129,6 +147,7 @@ class DatasetWriter:
             "source": self.source,
             "params": self.params,
             "normalization": {"mean_hu": float(normalization[0]), "std_hu": float(normalization[1])},
+            "content_hash": content_hash(self.root, self.patients),
             "patients": dict(sorted(self.patients.items())),
             **info,
         }
@@ -179,6 +198,12 @@ class CTDataset:
         """(mean, SD) in HU used to normalize network inputs to zero mean, unit variance."""
         n = self.manifest["normalization"]
         return float(n["mean_hu"]), float(n["std_hu"])
+
+    @property
+    def content_hash(self) -> str:
+        """:func:`content_hash` of this dataset, as recorded in its manifest (computed now for a
+        dataset written before the manifest recorded it)."""
+        return self.manifest.get("content_hash") or content_hash(self.root, self.manifest["patients"])
 
     def patients(self, split: str | None = None) -> list[str]:
         """Patient IDs (sorted), optionally of one split."""

@@ -8,7 +8,10 @@ follow the authors' ``ldct-benchmark`` trainers:
 * **WGAN-VGG**: ``critic_steps`` WGAN-GP critic updates per generator update
   (``critic(G(x)) - critic(y) + lambda_gp * GP``, interpolation weight drawn per sample), then the
   generator loss ``-critic(G(x)) + lambda_perceptual * L1(VGG19 conv5_4(G(x)), VGG19 conv5_4(y))``.
-  Both networks use Adam with the same ``lr``/``beta1``/``beta2`` (paper: beta1 0.326).
+  Both networks use Adam with the same ``lr``/``beta1``/``beta2`` (paper: beta1 0.326). With
+  ``lambda_pixel > 0`` (the CPU profiles; 0 in the paper) the generator loss gains
+  ``lambda_pixel * MSE(G(x), y)``: a few hundred adversarial steps with a random-weight VGG leave
+  the image's intensity free, and three seeds ended 60–210 HU off the full dose.
 * **DU-GAN**: RED-CNN generator; an image-domain and a gradient-domain (Sobel magnitude) U-Net
   discriminator, the latter a copy of the former at initialization. Discriminator loss (LSGAN on
   both the global and the per-pixel output): full dose -> 1, denoised -> 0, low dose -> 0; with
@@ -50,10 +53,10 @@ from .dataset import CTDataset
 from .denoisers import (DUGANDiscriminator, GaussRI, WGANVGGCritic, build_denoiser,
                         sobel_gradients)
 from .loader import Normalizer
-from .metrics import ssim_lung
+from .metrics import psnr_lung, ssim_lung
 from .params import BUILTIN_DENOISERS, Params, digest
-from .paths import from_repo_root
-from .training import BatchStream, load_best, train
+from .paths import RELATIVE_RULE, resolve_setting
+from .training import BatchStream, cosine_lr, load_best, train
 
 __all__ = [
     "TRAINED_METHODS",
@@ -84,7 +87,7 @@ class TrainedDenoiser:
     name: str
     model: nn.Module
     best_step: int | None
-    best_val_ssim: float | None
+    best_val: float | None  # the validation metric of ``denoisers.select_by`` at best_step
     steps: int
     seconds: float
     vgg_pretrained: bool | None = None  # WGAN-VGG only: ImageNet VGG19 (True) or the fallback
@@ -119,10 +122,14 @@ def fingerprint(name: str, params: Params, dataset: CTDataset) -> str:
     name = check_name(name, params)
     payload: dict[str, Any] = {"method": name, "seed": params.seed, "dataset": dataset_key(dataset)}
     if name in TRAINED_METHODS:
-        payload["train"] = getattr(params.denoisers, name).model_dump(mode="json",
-                                                                     exclude={"iterations"})
+        cfg = getattr(params.denoisers, name)
+        off = {k for k, v in (("lambda_pixel", 0), ("lr_final", 1))  # keys at their paper values
+               if getattr(cfg, k, None) == v}  # leave the stamps of earlier runs alone
+        payload["train"] = cfg.model_dump(mode="json", exclude={"iterations"} | off)
     if name == "wganvgg":
         payload["vgg_weights"] = params.denoisers.vgg_weights
+    if name in TRAINED_METHODS and params.denoisers.select_by != "ssim":  # which step is best.pt
+        payload["select_by"] = params.denoisers.select_by
     if name in params.denoisers.custom:
         from .custom import identity
 
@@ -131,7 +138,7 @@ def fingerprint(name: str, params: Params, dataset: CTDataset) -> str:
 
 
 def resolve_vgg_weights(params: Params) -> Path | None:
-    """The VGG19 weights file of ``denoisers.vgg_weights`` (relative paths: to the repo root).
+    """The VGG19 weights file of ``denoisers.vgg_weights`` (:data:`~invariscope.paths.RELATIVE_RULE`).
 
     None when the setting is null (the fixed random VGG19 fallback). A path that does not exist
     raises :class:`FileNotFoundError` saying how to obtain torchvision's file.
@@ -139,11 +146,11 @@ def resolve_vgg_weights(params: Params) -> Path | None:
     setting = params.denoisers.vgg_weights
     if setting is None:
         return None
-    path = from_repo_root(setting)
+    path = resolve_setting(setting, params.source_file)
     if not path.is_file():
         where = params.source_file or f"params/{params.profile or '<profile>'}.yaml"
         raise FileNotFoundError(
-            f"denoisers.vgg_weights = {setting!r}: no file {path}. WGAN-VGG's perceptual loss "
+            f"denoisers.vgg_weights = {setting!r}: no file {path} ({RELATIVE_RULE}). WGAN-VGG's perceptual loss "
             f"needs torchvision's ImageNet VGG19 weights ({TORCHVISION_FILES['vgg19']}). Download "
             f"{_VGG_URL} on a machine with internet access and copy it to {path}, or set "
             f"denoisers.vgg_weights in {where} to where the file is, or set it to null to use a "
@@ -196,12 +203,18 @@ def mean_ssim(pred_hu: np.ndarray, target_hu: np.ndarray) -> float:
     return float(np.mean([ssim_lung(p, t) for p, t in zip(pred_hu, target_hu)]))
 
 
+def mean_psnr(pred_hu: np.ndarray, target_hu: np.ndarray) -> float:
+    """Mean lung-window PSNR (dB) over a stack of slices."""
+    return float(np.mean([psnr_lung(p, t) for p, t in zip(pred_hu, target_hu)]))
+
+
 def _make_validate(model: nn.Module, dataset: CTDataset, n_slices: int,
-                   normalizer: Normalizer) -> Callable[[], float]:
+                   normalizer: Normalizer, select_by: str = "ssim") -> Callable[[], float]:
     low, full = validation_slices(dataset, n_slices)
+    metric = mean_psnr if select_by == "psnr" else mean_ssim
 
     def validate() -> float:
-        return mean_ssim(denoise_hu(model, low, normalizer), full)
+        return metric(denoise_hu(model, low, normalizer), full)
 
     return validate
 
@@ -288,6 +301,11 @@ def _setup_wganvgg(model: nn.Module, cfg: Any, params: Params, dataset: CTDatase
 
     def step_fn(step: int, batch: Any) -> dict[str, float]:
         x, y = batch
+        if cfg.lr_final < 1:
+            lr = cosine_lr(step, cfg.iterations, cfg.lr, cfg.lr_final)
+            for opt in (opt_g, opt_d):
+                for group in opt.param_groups:
+                    group["lr"] = lr
         with torch.no_grad():
             fake = model(x)
         _requires_grad(critic, True)
@@ -305,6 +323,8 @@ def _setup_wganvgg(model: nn.Module, cfg: Any, params: Params, dataset: CTDatase
             target_feats = perceptual.extract(y)
         perc = sum(F.l1_loss(f, t) for f, t in zip(perceptual.extract(fake), target_feats))
         loss_g = adv + cfg.lambda_perceptual * perc
+        if cfg.lambda_pixel > 0:  # CPU profiles only (0 in the paper's loss)
+            loss_g = loss_g + cfg.lambda_pixel * F.mse_loss(fake, y)
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         opt_g.step()
@@ -413,7 +433,8 @@ def train_denoiser(name: str, params: Params, dataset: CTDataset, out_dir: str |
     fp = fingerprint(name, params, dataset)
     stream = BatchStream(dataset, cfg.patch_size, cfg.batch_size, seed=params.seed,
                          num_workers=params.loader.num_workers)
-    validate = _make_validate(setup.model, dataset, den.val_slices, Normalizer.of(dataset))
+    validate = _make_validate(setup.model, dataset, den.val_slices, Normalizer.of(dataset),
+                              den.select_by)
     result = train(setup.step_fn, stream.iterate_from, cfg.iterations, ckpt_dir, setup.modules,
                    setup.optimizers, fp, seed=params.seed, checkpoint_every=den.checkpoint_every,
                    validate_fn=validate, validate_every=den.validate_every, desc=name,

@@ -113,7 +113,7 @@ def build_embedder(params: Params, load_pretrained: bool = True) -> Embedder:
         torch.manual_seed(cfg.seed)
         model = Embedder(cfg.backbone, cfg.embed_dim, cfg.width, cfg.layers)
     if load_pretrained and cfg.imagenet_weights is not None:
-        model.load_imagenet_weights(resolve_weights(cfg.imagenet_weights),
+        model.load_imagenet_weights(resolve_weights(cfg.imagenet_weights, params.source_file),
                                     params_key="embedding.imagenet_weights")
     return model
 

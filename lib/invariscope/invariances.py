@@ -40,7 +40,7 @@ import pandas as pd
 import torch
 from scipy.ndimage import gaussian_filter
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from . import atomic, plotting
 from .dataset import CTDataset

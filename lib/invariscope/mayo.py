@@ -514,7 +514,7 @@ def import_mayo(
     and ``import_report.md`` to ``out_dir`` in every case. See the module docstring for
     the error policy.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")

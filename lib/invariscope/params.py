@@ -118,7 +118,12 @@ class WGANVGGTrainParams(_DenoiserTrainParams):
 
     patch_size: int = Field(ge=29, le=1024, description="crop side (px); fixes the critic's FC size")
     lambda_perceptual: float = Field(ge=0, description="weight of the VGG19 conv5_4 L1 loss")
+    lambda_pixel: float = Field(0.0, ge=0, description="weight of a pixel MSE term (not the "
+                                "paper's: 0 there; the CPU profiles use a small one, which pins "
+                                "the intensity that short adversarial training leaves free)")
     lambda_gp: float = Field(10.0, ge=0, description="WGAN-GP gradient-penalty weight")
+    lr_final: float = Field(1.0, gt=0, le=1, description="cosine decay of both learning rates to "
+                            "this fraction of lr by the last iteration (1: constant, the paper's)")
     critic_steps: int = Field(1, ge=1, description="critic updates per generator update")
 
 
@@ -184,8 +189,11 @@ class DenoisersParams(_Section):
         default_factory=dict, description="your own trained denoisers by name (lowercase letters, "
         "digits, _), analyzed like the built-in ones without training")
     checkpoint_every: int = Field(ge=1, description="steps between last.pt checkpoints")
-    validate_every: int = Field(ge=1, description="steps between validations (best.pt by SSIM)")
-    val_slices: int = Field(ge=1, description="full validation slices in the SSIM that picks best.pt")
+    validate_every: int = Field(ge=1, description="steps between validations (best.pt by select_by)")
+    val_slices: int = Field(ge=1, description="full validation slices in the metric that picks best.pt")
+    select_by: Literal["ssim", "psnr"] = Field(
+        "ssim", description="validation metric that picks best.pt (lung window, as Table 1): ssim "
+        "(the paper profile) or psnr, which also sees an intensity offset (the CPU profiles)")
     vgg_weights: str | None = Field(
         None, description="torchvision vgg19-dcbb9e9d.pth (relative to the repo root or absolute); "
         "null = a fixed random VGG19 (the run records vgg_pretrained: false)"
@@ -541,6 +549,48 @@ class AnalysisParams(_Section):
         return self
 
 
+class StageResources(_Section):
+    """What one job asks a cluster for (``./run_all.sh --executor slurm``)."""
+
+    mem_mb: int = Field(16000, ge=100, description="memory (MB)")
+    runtime_min: int = Field(60, ge=1, description="wall-time limit (minutes)")
+    gpus: int = Field(0, ge=0, le=16, description="GPUs")
+    cpus: int = Field(4, ge=1, description="CPU cores (data-loader workers and the kernel)")
+
+
+class ClusterParams(_Section):
+    """Per-stage resources and retries for cluster executors (Snakemake's Slurm plugin); not part
+    of any stamp. ``stages`` overrides ``default`` per stage name (data, denoiser, table1, vae,
+    figure4, cinn, invariances, figure5, embedding, analysis)."""
+
+    retries: int = Field(2, ge=0, le=10, description="resubmissions of a failed job")
+    partition: str | None = Field(None, description="Slurm partition (null: the cluster's default)")
+    account: str | None = Field(None, description="Slurm account (null: your default)")
+    default: StageResources = Field(default_factory=StageResources)
+    stages: dict[str, StageResources] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_stages(self) -> "ClusterParams":
+        names = ("data", "denoiser", "table1", "vae", "figure4", "cinn", "invariances", "figure5",
+                 "embedding", "analysis")
+        unknown = [k for k in self.stages if k not in names]
+        if unknown:
+            raise ValueError(f"cluster.stages: unknown stage(s) {', '.join(unknown)}; stages are "
+                             f"{', '.join(names)}")
+        return self
+
+    def resources(self, stage: str) -> dict[str, Any]:
+        """Snakemake resources of a stage's jobs (the names the Slurm plugin reads)."""
+        r = self.stages.get(stage, self.default)
+        out: dict[str, Any] = {"mem_mb": r.mem_mb, "runtime": r.runtime_min, "cpus_per_task": r.cpus,
+                               "gpu": r.gpus}
+        if self.partition:
+            out["slurm_partition"] = self.partition
+        if self.account:
+            out["slurm_account"] = self.account
+        return out
+
+
 class Params(_Section):
     """All parameters of one profile."""
 
@@ -556,6 +606,7 @@ class Params(_Section):
     invariances: InvariancesParams
     embedding: EmbeddingParams
     analysis: AnalysisParams
+    cluster: ClusterParams = Field(default_factory=ClusterParams)
 
     @field_validator("device")
     @classmethod
@@ -682,8 +733,12 @@ def load_params(profile: str | Path = "default", overrides: dict[str, Any] | Non
     if not isinstance(run_name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", run_name):
         raise ParamsError(f"{path}: run_name {run_name!r} must be a plain folder name")
     data = _deep_update(raw, overrides or {})
+    try:  # strict JSON-mode types: no bool or string coerced to a number, lists for tuples
+        text = json.dumps(data)
+    except (TypeError, ValueError) as exc:
+        raise ParamsError(f"{path}: a value is not a number, string, list or mapping ({exc})") from None
     try:
-        params = Params.model_validate(data)
+        params = Params.model_validate_json(text, strict=True)
     except ValidationError as exc:
         raise ParamsError(_format_errors(exc, str(path))) from None
     return params.model_copy(update={"profile": run_name, "source_file": str(path)})

@@ -32,6 +32,26 @@ def from_repo_root(setting: str | os.PathLike[str]) -> Path:
     return path if path.is_absolute() else repo_root() / path
 
 
+#: The one rule for relative paths in params files (error messages quote it).
+RELATIVE_RULE = ("a relative path in a params file is looked up next to that params file first, "
+                 "then in the repository root")
+
+
+def resolve_setting(setting: str | os.PathLike[str], source_file: str | os.PathLike[str] | None
+                    ) -> Path:
+    """A path setting of a params file (:data:`RELATIVE_RULE`): ``~`` expanded; a relative one
+    next to ``source_file`` when it exists there, else from the repository root (returned even
+    when missing, so that errors name it)."""
+    path = Path(setting).expanduser()
+    if path.is_absolute():
+        return path
+    if source_file:
+        beside = Path(source_file).expanduser().resolve().parent / path
+        if beside.exists():
+            return beside
+    return repo_root() / path
+
+
 def params_dir() -> Path:
     """Folder of the profile YAML files."""
     return repo_root() / "params"

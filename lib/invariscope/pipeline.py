@@ -1,26 +1,31 @@
-"""Run the pipeline's notebooks with papermill (the engine behind ``./run_all.sh``).
+"""The command line behind ``./run_all.sh``: the stages, their jobs and stamps, and the
+Snakemake call that runs them (``workflow/Snakefile``, :mod:`invariscope.workflow`).
 
 Each stage is a numbered notebook, run once per profile (or once per denoiser for per-denoiser
-stages). Executed notebooks are written to ``runs/<profile>/notebooks/``; a stage whose notebook,
-parameters and upstream stages are unchanged since its last successful run is skipped
-(``--force`` reruns it). Long stages checkpoint themselves, so an interrupted run resumes.
+stages) with papermill; executed notebooks go to ``runs/<profile>/notebooks/``. A job's stamp
+hashes the code cells of its notebook, the params sections it reads and the stamps of the jobs
+it reads; Snakemake reruns a job whose stamp changed, whose outputs are missing or which was
+interrupted. Long stages checkpoint themselves, so an interrupted job resumes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
+import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import atomic
 from .params import Params, ParamsError, digest, load_params
-from .paths import ensure, figures_dir, from_repo_root, repo_root, run_dir
+from .paths import RELATIVE_RULE, ensure, figures_dir, repo_root, resolve_setting, run_dir
 
 
 @dataclass(frozen=True)
@@ -118,16 +123,25 @@ def job_params(job: Job, params_dump: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def notebook_code_sha(notebook: Path) -> str:
+    """Hash of a notebook's code cells (their sources, in order): markdown, outputs and metadata
+    do not count, so editing a notebook's text reruns nothing."""
+    nb = json.loads(notebook.read_text())
+    code = ["".join(c["source"]) if isinstance(c["source"], list) else c["source"]
+            for c in nb.get("cells", []) if c.get("cell_type") == "code"]
+    return digest({"code": code}, length=16)
+
+
 def job_stamp(job: Job, params_dump: dict[str, Any], upstream: list[str],
               identity: str | None = None) -> str:
-    """Everything a job's result depends on, hashed: its notebook, its params sections, its
+    """Everything a job's result depends on, hashed: its notebook's code cells, its params sections, its
     papermill parameters (but the profile's name), the stamps of the jobs upstream of it and,
     when given, its denoiser's ``identity`` (a custom method's module file and weights)."""
     nb = repo_root() / "notebooks" / job.stage.notebook
     # not the profile argument itself: the same parameters under another file name (a params file
     # with `base: default` and `run_name: default`) must find the finished jobs
     given = {k: v for k, v in job.parameters.items() if k != "profile"}
-    parts = {"notebook": atomic.file_sha(nb), "params": job_params(job, params_dump),
+    parts = {"notebook": notebook_code_sha(nb), "params": job_params(job, params_dump),
              "parameters": given, "upstream": upstream}
     if identity is not None:  # only then: built-in methods keep the stamps of finished runs
         parts["identity"] = identity
@@ -135,14 +149,20 @@ def job_stamp(job: Job, params_dump: dict[str, Any], upstream: list[str],
 
 
 def custom_identities(params: Params) -> dict[str, str]:
-    """:func:`invariscope.custom.identity` of every custom method of ``denoisers.methods``
-    (FileNotFoundError when its module file or weights are missing)."""
+    """What a job depends on beyond its params: :func:`invariscope.custom.identity` of every
+    custom method of ``denoisers.methods`` (FileNotFoundError when its module file or weights
+    are missing) and, with Mayo data, the DICOM tree's files (``stage:data``)."""
+    out = {}
+    if params.data.source == "mayo" and params.data.mayo_root:
+        from .cohort import mayo_root, tree_fingerprint
+
+        out["stage:data"] = tree_fingerprint(mayo_root(params.data, params.source_file))
     names = [d for d in params.denoisers.methods if d in params.denoisers.custom]
     if not names:
-        return {}
+        return out
     from .custom import identity  # imports torch: only when there are custom methods
 
-    return {d: identity(d, params) for d in names}
+    return out | {d: identity(d, params) for d in names}
 
 
 def stamps(jobs: list[Job], params_dump: dict[str, Any],
@@ -151,7 +171,8 @@ def stamps(jobs: list[Job], params_dump: dict[str, Any],
     own denoiser, of the stages' extra runs and on the data stage (not on summaries such as
     Table 1, so adding a denoiser leaves the others' jobs alone); a once-per-profile job depends
     on every earlier job. ``identities``: per denoiser, what else its jobs depend on (see
-    :func:`custom_identities`). Keyed by :attr:`Job.label`."""
+    :func:`custom_identities`), and per ``"stage:<name>"`` what else a once-per-profile job
+    depends on (the data stage: the Mayo tree's files). Keyed by :attr:`Job.label`."""
     identities = identities or {}
     out: dict[str, str] = {}
     order = [s.name for s in STAGES]
@@ -167,7 +188,8 @@ def stamps(jobs: list[Job], params_dump: dict[str, Any],
     for job in jobs:
         rank = order.index(job.stage.name)
         up = [j for j in jobs[:len(out)] if order.index(j.stage.name) < rank and feeds(j, job)]
-        identity = identities.get(job.denoiser) if job.stage.per_denoiser else None
+        identity = (identities.get(job.denoiser) if job.stage.per_denoiser
+                    else identities.get(f"stage:{job.stage.name}"))
         out[job.label] = job_stamp(job, params_dump, [out[j.label] for j in up], identity)
     return out
 
@@ -189,8 +211,8 @@ def missing_weights(jobs: list[Job], params: Params) -> list[str]:
                              if j.stage.name != "denoiser" or j.denoiser == "wganvgg"):
         section, name = key.split(".")
         setting = getattr(getattr(params, section), name)
-        if setting is not None and not (path := from_repo_root(setting)).is_file():
-            out.append(f"{key} = {setting!r}: no file {path}")
+        if setting is not None and not (path := resolve_setting(setting, params.source_file)).is_file():
+            out.append(f"{key} = {setting!r}: no file {path} ({RELATIVE_RULE})")
     return out
 
 
@@ -202,7 +224,8 @@ def caller_path(path: str) -> str:
 
 
 def run(argv: list[str] | None = None) -> int:
-    """Command-line entry point (see ``./run_all.sh --help``)."""
+    """Command-line entry point (see ``./run_all.sh --help``): builds the Snakemake command line
+    of a run, or (``--run-job``, what the workflow's rules call) executes one notebook."""
     ap = argparse.ArgumentParser(prog="run_all.sh", description=__doc__.split("\n\n")[0])
     ap.add_argument("--profile", default="default",
                     help="smoke | default | paper, or a params YAML file (default: default)")
@@ -214,11 +237,26 @@ def run(argv: list[str] | None = None) -> int:
                     "extra runs (the unconditional VAE) rerun only when out of date")
     ap.add_argument("--only", metavar="STAGE", help="run only this stage")
     ap.add_argument("--from", dest="start", metavar="STAGE", help="start at this stage")
+    ap.add_argument("--until", metavar="STAGE", help="stop after this stage")
     ap.add_argument("--denoisers", metavar="A,B", help="comma-separated subset of the profile's "
-                    "denoisers (default: all of params denoisers.methods)")
+                    "denoisers: their per-denoiser jobs only, not the summaries that need every "
+                    "method (default: all of params denoisers.methods, summaries included)")
     ap.add_argument("--device", metavar="DEV", help="where the networks run: auto | cpu | cuda | "
                     "cuda:N (default: device in the params file; sets $INVARISCOPE_DEVICE)")
+    ap.add_argument("--jobs", type=int, default=None, metavar="N",
+                    help="jobs at once (default: one per core, at most 4, on a CPU; one per GPU "
+                    "with --gpus; 1 on a single GPU)")
+    ap.add_argument("--threads", type=int, default=1, metavar="T",
+                    help="CPU threads per job (default 1, so results do not depend on --jobs)")
+    ap.add_argument("--gpus", metavar="LIST", help="comma-separated GPU indices, e.g. 0,1,2,3: "
+                    "one GPU job per device at once (CUDA_VISIBLE_DEVICES); implies --device cuda")
+    ap.add_argument("--executor", choices=("local", "slurm"), default="local",
+                    help="slurm: submit every job to Slurm with the resources of params cluster")
     ap.add_argument("--dry-run", action="store_true", help="list what would run, run nothing")
+    ap.add_argument("--check", action="store_true", help="run nothing: compare the finished run's "
+                    "tables with the committed ones, number by number, within the seed spread "
+                    "(docs/reproducibility.md)")
+    ap.add_argument("--run-job", metavar="STAGE[:DENOISER]", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if Path(args.profile).suffix in (".yaml", ".yml"):  # notebooks run in notebooks/: absolute
@@ -231,14 +269,34 @@ def run(argv: list[str] | None = None) -> int:
     except ParamsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.run_job:
+        return _run_job(args.run_job, args.profile, args.data, params)
+    if args.check:
+        from .headline import run_check
+
+        return run_check(params.profile)
     if args.data and not Path(args.data).expanduser().is_dir():
         print(f"error: --data {args.data}: no such folder", file=sys.stderr)
         return 2
+    for flag, value in (("--jobs", args.jobs), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            print(f"error: {flag} {value}: give 1 or more", file=sys.stderr)
+            return 2
+    gpus = [g.strip() for g in (args.gpus or "").split(",") if g.strip()]
+    if args.gpus is not None and not all(g.isdigit() for g in gpus) or args.gpus == "":
+        print(f"error: --gpus {args.gpus!r}: give GPU indices such as 0,1", file=sys.stderr)
+        return 2
+    if gpus and args.device is None:
+        args.device = "cuda"
     try:
-        where = _device(args.device, params)
+        # on a cluster the login node need not see the GPUs the jobs will get
+        where = _device(args.device, params) if args.executor == "local" \
+            else (args.device or params.device)
     except (ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.jobs is None:
+        args.jobs = len(gpus) if gpus else 1 if where.startswith("cuda") else min(os.cpu_count() or 1, 4)
     denoisers = list(params.denoisers.methods)
     if args.denoisers:
         asked = [d.strip() for d in args.denoisers.split(",") if d.strip()]
@@ -250,23 +308,21 @@ def run(argv: list[str] | None = None) -> int:
             return 2
         denoisers = asked
     try:
-        identities = custom_identities(params)
+        custom_identities(params)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    # stamps come from the full plan, so --only / --from / --denoisers do not change them
     spatial = params.vae.latent == "spatial"
     full = plan(args.profile, args.data, None, None, list(params.denoisers.methods), spatial)
-    all_stamps = stamps(full, params.model_dump(mode="json"), identities)
     jobs = plan(args.profile, args.data, args.only, args.start, denoisers, spatial)
-    out_dir = run_dir(params.profile) / "notebooks"
-    if not args.dry_run:  # a dry run creates nothing
-        ensure(out_dir)
-    # per job: rerun it (forced, or its last successful run had another stamp)?
-    forced = {j.label: _forced(j, args.force, bool(args.denoisers)) for j in jobs}
-    rerun = {j.label: forced[j.label] or _done_record(_done_file(out_dir, j)).get("stamp")
-             != all_stamps[j.label] for j in jobs}
-    missing = missing_weights([j for j in jobs if rerun[j.label]], params)
+    if args.until:
+        names = [st.name for st in STAGES]
+        if args.until not in names:
+            raise SystemExit(f"--until {args.until!r}: unknown stage; stages are {', '.join(names)}")
+        jobs = [j for j in jobs if names.index(j.stage.name) <= names.index(args.until)]
+    if args.denoisers:  # only the picked methods' chains: summaries need every method
+        jobs = [j for j in jobs if j.stage.per_denoiser]
+    missing = missing_weights(jobs, params)
     if missing:
         lines = "\n  ".join(missing)
         hint = (f"copy torchvision's files there (README, 'Paper scale on a GPU box'), or set these "
@@ -277,25 +333,141 @@ def run(argv: list[str] | None = None) -> int:
             return 2
         print(f"warning: a run would stop here, pretrained weights missing:\n  {lines}\n{hint}",
               file=sys.stderr)
-    print(f"[{params.profile}] networks run on {where}", flush=True)
+    cmd, env = snakemake_command(params, args, jobs, gpus)
+    print(f"[{params.profile}] networks run on {where}; {len(jobs)} job(s) selected, "
+          f"{args.jobs} at once", flush=True)
     t_run = time.time()
-    for job in jobs:
-        out = out_dir / job.output_name
-        status = "run" if rerun[job.label] else "up to date, skip"
-        print(f"[{params.profile}] {job.label:<26} {status:<17} -> {out.relative_to(repo_root())}",
-              flush=True)
-        if args.dry_run or not rerun[job.label]:
-            continue
-        t0 = time.time()
-        _execute(job, out, force=forced[job.label])
-        atomic.write_json(_done_file(out_dir, job),
-                          {"stamp": all_stamps[job.label], "seconds": round(time.time() - t0, 1),
-                           "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
-    if not args.dry_run:
-        _write_timings(full, out_dir, params.profile)
-        print(f"\nthis run took {(time.time() - t_run) / 60:.1f} min")
-        _print_results(params.profile)
+    with _one_run_at_a_time(cmd, env, args.dry_run) as free:
+        if not free:
+            print(f"error: another ./run_all.sh is running in {repo_root()}; wait for it to finish "
+                  "(Snakemake allows one run per folder)", file=sys.stderr)
+            return 2
+        rc = subprocess.run(cmd, cwd=repo_root(), env=env).returncode
+    if args.dry_run:
+        return 0 if rc == 0 else 2
+    _write_timings(full, params.profile)
+    if params.data.source == "mayo" and any(j.stage.name == "data" for j in jobs):
+        _report_skipped(params)
+    if rc != 0:
+        print(f"error: the workflow stopped (snakemake exit code {rc}); rerun the same command "
+              "to resume: finished jobs are kept, an interrupted one reruns", file=sys.stderr)
+        return 1
+    print(f"\nthis run took {(time.time() - t_run) / 60:.1f} min")
+    _print_results(params.profile)
     return 0
+
+
+#: Rules of each stage in workflow/Snakefile (the denoiser stage has one for untrained methods).
+RULES = {s.name: (s.name,) for s in STAGES} | {"denoiser": ("denoiser", "denoiser_untrained")}
+
+
+def snakemake_command(params: Params, args: argparse.Namespace, jobs: list[Job],
+                      gpus: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The ``snakemake`` command line of a run and its environment: targets are all outputs of
+    ``jobs`` (Snakemake checks only requested files for a missing output); ``--only``/``--from`` restrict the rules that may run; ``--force``
+    forces exactly the selected jobs (the notebooks get ``force=True`` through
+    ``$INVARISCOPE_FORCE_JOBS``, so a forced run leaves the stamps of a plain one)."""
+    from .workflow import notebook_out, outputs
+
+    threads = max(1, args.threads)
+    config = [f"profile={args.profile}", f"data={args.data or ''}", f"threads={threads}"]
+    runner = os.environ.get("INVARISCOPE_JOB_RUNNER")
+    if runner:  # tests: a stand-in for the notebook runner
+        config.append(f"runner={runner}")
+    targets = [f for j in jobs for f in outputs(params.profile, j.stage, j.denoiser)]
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(repo_root() / "workflow" / "Snakefile"),
+           "--directory", str(repo_root()), "--config", *config,
+           "--rerun-incomplete", "--rerun-triggers", "mtime", "params", "input",
+           "--show-failed-logs"]
+    if args.executor == "slurm":
+        cmd += ["--executor", "slurm", "--jobs", str(max(args.jobs, 1) if args.jobs > 1 else 100),
+                "--retries", str(params.cluster.retries), "--keep-going"]
+    else:
+        cmd += ["--cores", str(threads * args.jobs), "--jobs", str(args.jobs)]
+        if gpus:  # every job holds one GPU: at most one job per device at once
+            rules = [r for rs in RULES.values() for r in rs]
+            cmd += ["--resources", f"gpu={len(gpus)}", "--set-resources",
+                    *[f"{r}:gpu=1" for r in rules]]
+    if args.only or args.start:
+        names = [s.name for s in STAGES]
+        chosen = [args.only] if args.only else names[names.index(args.start):]
+        cmd += ["--allowed-rules", *[r for n in chosen for r in RULES[n]]]
+    env = dict(os.environ)
+    if args.force:
+        forced = [j for j in jobs if _forced(j, True, bool(args.denoisers))]
+        cmd += ["--forcerun", *[notebook_out(params.profile, j.stage, j.denoiser) for j in forced]]
+        env["INVARISCOPE_FORCE_JOBS"] = ",".join(j.label for j in forced)
+    else:
+        env.pop("INVARISCOPE_FORCE_JOBS", None)
+    if gpus:
+        env["INVARISCOPE_GPUS"] = ",".join(gpus)
+    cmd += ["--dry-run"] if args.dry_run else ["--quiet", "rules"]
+    return cmd + ["--", *targets] if targets else cmd, env
+
+
+@contextlib.contextmanager
+def _one_run_at_a_time(cmd: list[str], env: dict[str, str], dry_run: bool) -> Iterator[bool]:
+    """Hold ``.snakemake/run_all.lock`` for a run (yields False when another run holds it). A
+    Snakemake lock left by a run that was killed (no run holds ours) is removed first."""
+    if dry_run:
+        yield True
+        return
+    folder = ensure(repo_root() / ".snakemake")
+    with open(folder / "run_all.lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            yield False
+            return
+        locks = folder / "locks"
+        if locks.is_dir() and any(locks.iterdir()):
+            unlock = [c for c in cmd[:cmd.index("--")] if c != "--dry-run"] if "--" in cmd else cmd
+            subprocess.run([*unlock, "--unlock"], cwd=repo_root(), env=env, capture_output=True)
+            print("note: removed the lock left by an interrupted run", file=sys.stderr)
+        yield True
+
+
+def _run_job(spec: str, profile: str, data: str | None, params: Params) -> int:
+    """Execute one job's notebook (what a workflow rule runs): ``spec`` is ``STAGE`` or
+    ``STAGE:DENOISER``. The notebook gets ``force=True`` when ``$INVARISCOPE_FORCE_JOBS`` names
+    the job; with ``$INVARISCOPE_GPUS`` it holds one of those GPUs while it runs."""
+    from .workflow import claim_gpu
+
+    name, _, denoiser = spec.partition(":")
+    spatial = params.vae.latent == "spatial"
+    job = next((j for j in plan(profile, data, None, None, list(params.denoisers.methods), spatial)
+                if j.stage.name == name and (j.denoiser or "") == denoiser), None)
+    if job is None:
+        print(f"error: no job {spec} in profile {params.profile}", file=sys.stderr)
+        return 2
+    forced = job.label in os.environ.get("INVARISCOPE_FORCE_JOBS", "").split(",")
+    out_dir = ensure(run_dir(params.profile) / "notebooks")
+    gpus = [g for g in os.environ.get("INVARISCOPE_GPUS", "").split(",") if g]
+    if not gpus:
+        _execute(job, out_dir / job.output_name, force=forced)
+        return 0
+    with claim_gpu(gpus, run_dir(params.profile) / ".gpu-locks") as gpu:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+        os.environ["INVARISCOPE_DEVICE"] = "cuda"
+        print(f"[{params.profile}] {job.label} on GPU {gpu}", flush=True)
+        _execute(job, out_dir / job.output_name, force=forced)
+    return 0
+
+
+def _report_skipped(params: Params) -> None:
+    """After a Mayo import with ``on_error: skip``: how many files and patients were skipped,
+    and where the report is, on the terminal (not only inside the executed notebook)."""
+    from .cohort import mayo_import_dir
+
+    report = mayo_import_dir(params.data, params.source_file) / "import_report.json"
+    try:
+        rec = json.loads(report.read_text())
+    except (OSError, ValueError):
+        return
+    files, patients = len(rec.get("skipped_files", [])), len(rec.get("skipped_patients", []))
+    if files or patients:
+        print(f"warning: the Mayo import skipped {files} file(s) and {patients} patient(s) "
+              f"(data.on_error: skip); see {report.with_suffix('.md')}", file=sys.stderr)
 
 
 def _device(option: str | None, params: Params) -> str:
@@ -322,29 +494,13 @@ def _forced(job: Job, force: bool, subset: bool) -> bool:
     return force and not (subset and job.denoiser in shared)
 
 
-def _done_file(out_dir: Path, job: Job) -> Path:
-    """Where a job's last successful run is recorded (beside its executed notebook)."""
-    return (out_dir / job.output_name).with_suffix(".done.json")
+def _write_timings(jobs: list[Job], profile: str) -> None:
+    """``runs/<profile>/timings.csv``: wall seconds, peak memory (MB) and end time of the last
+    successful run of every job of ``jobs`` (the full plan, whatever this run selected), from
+    Snakemake's per-job benchmark files."""
+    from .workflow import timings_rows
 
-
-def _done_record(done_file: Path) -> dict[str, Any]:
-    """A job's ``.done.json`` (stamp, seconds, finished); empty when missing or unreadable."""
-    try:
-        record = json.loads(done_file.read_text())
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
-
-
-def _write_timings(jobs: list[Job], out_dir: Path, profile: str) -> None:
-    """``runs/<profile>/timings.csv``: seconds of the last successful run of every job of
-    ``jobs`` (the full plan, whatever this run selected) that has finished once."""
-    rows = ["job,seconds,finished"]
-    for job in jobs:
-        d = _done_record(_done_file(out_dir, job))
-        if d:
-            rows.append(f"{job.label},{d.get('seconds', '')},{d.get('finished', '')}")
-    atomic.write_text(run_dir(profile) / "timings.csv", "\n".join(rows) + "\n")
+    atomic.write_text(run_dir(profile) / "timings.csv", "\n".join(timings_rows(profile, jobs)) + "\n")
 
 
 def _print_results(profile: str) -> None:
@@ -380,6 +536,7 @@ def _execute(job: Job, out: Path, force: bool = False) -> None:
     running = out.with_name(out.stem + ".running.ipynb")
     failed = out.with_name(out.stem + ".failed.ipynb")
     parameters = dict(job.parameters)
+    os.environ.pop("MPLBACKEND", None)  # the kernel draws inline: figures land in the notebook
     if force and "force" in notebook_parameters(nb_dir / job.stage.notebook):
         parameters["force"] = True
     try:

@@ -8,13 +8,15 @@ optimizers) and an optional ``validate_fn() -> float``. :func:`train` then
 * reseeds torch at every step from (seed, step), and draws the batches of step ``s`` from a
   stream that depends only on (seed, s), so a resumed run continues the same random sequence,
 * writes ``last.pt`` every ``checkpoint_every`` steps (atomically) and ``best.pt`` whenever
-  the validation metric improves,
+  the validation metric improves; ``last.pt`` also keeps the best weights, so a deleted
+  ``best.pt`` is restored from it (the workflow deletes a job's outputs before rerunning it),
 * stops with :class:`NonFiniteLossError` when a loss turns NaN/inf, keeping the last good
   checkpoint untouched.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import time
@@ -26,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from . import atomic
 from .dataset import CTDataset
@@ -143,11 +145,16 @@ def train(
     """
     ckpt_dir = Path(ckpt_dir)
     last, best = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
-    start, best_metric, best_step, history = 0, None, None, []
+    start, best_metric, best_step, history, best_state = 0, None, None, [], None
     if last.is_file():
         ckpt = load_checkpoint(last, modules, optimizers, fingerprint)
         start, best_metric, best_step = ckpt["step"], ckpt.get("best_metric"), ckpt.get("best_step")
-        history = ckpt.get("history", [])
+        history, best_state = ckpt.get("history", []), ckpt.get("best_modules")
+        if best_state is not None and not best.is_file():  # deleted (by hand, or by Snakemake
+            # before it reruns an interrupted job): last.pt keeps a copy of the best weights
+            atomic.torch_save(best, {"version": CHECKPOINT_VERSION, "fingerprint": fingerprint,
+                                     "modules": best_state, "optimizers": {}, "step": best_step,
+                                     "metric": best_metric})
         if start > n_steps:  # a finished longer run cannot be shortened silently
             raise CheckpointMismatchError(
                 f"checkpoint {last} holds {start} training steps ({desc}), more than the {n_steps} "
@@ -161,7 +168,7 @@ def train(
     def checkpoint(step: int) -> None:
         nonlocal saved_step
         save_checkpoint(last, modules, optimizers, fingerprint, step=step, best_metric=best_metric,
-                        best_step=best_step, history=history)
+                        best_step=best_step, history=history, best_modules=best_state)
         saved_step = step
 
     if start >= n_steps:
@@ -200,6 +207,7 @@ def train(
                 m.train()
             if best_metric is None or (metric > best_metric if higher_is_better else metric < best_metric):
                 best_metric, best_step = metric, done
+                best_state = copy.deepcopy(_state(modules))
                 save_checkpoint(best, modules, {}, fingerprint, step=done, metric=metric)
             history.append({"step": done, "val": metric, **running})
         elif done % checkpoint_every == 0:

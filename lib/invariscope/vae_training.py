@@ -47,7 +47,7 @@ from .dataset import CTDataset
 from .loader import CropDataset, CropSpec, Normalizer, fixed_crops
 from .metrics import ssim_lung
 from .params import Params, digest
-from .paths import from_repo_root, run_dir
+from .paths import resolve_setting, run_dir
 from .training import BatchStream, cosine_lr, existing_checkpoint, load_best, pool_batches, train
 from .spatial import SpatialVAE, elbo_terms
 from .vae import (ConditionalVAE, Critic, VAELossWeights, active_dimensions, build_perceptual_loss,
@@ -138,12 +138,13 @@ def extra_vaes(params: Params) -> tuple[str, ...]:
     return (UNCONDITIONAL, UNCONDITIONAL_SPATIAL) if params.vae.latent == "spatial" else (UNCONDITIONAL,)
 
 
-def resolve_weights(setting: str | None) -> Path | None:
-    """A weights-file setting as a path (relative paths: to the repo root); None stays None.
+def resolve_weights(setting: str | None, source_file: str | None = None) -> Path | None:
+    """A weights-file setting of the params file ``source_file`` as a path
+    (:data:`~invariscope.paths.RELATIVE_RULE`); None stays None.
 
     Existence is checked where the file is loaded, with a message on how to obtain it.
     """
-    return None if setting is None else from_repo_root(setting)
+    return None if setting is None else resolve_setting(setting, source_file)
 
 
 def _default_denoiser_dir(params: Params) -> Path:
@@ -214,7 +215,7 @@ def build_vae(conditional: bool, params: Params, load_pretrained: bool = True,
             return SpatialVAE(cfg.spatial_config(conditional))
         model = ConditionalVAE(cfg.config(conditional))
     if load_pretrained and cfg.imagenet_weights is not None:
-        model.encoder.load_imagenet_weights(resolve_weights(cfg.imagenet_weights),
+        model.encoder.load_imagenet_weights(resolve_weights(cfg.imagenet_weights, params.source_file),
                                             params_key="vae.imagenet_weights")
     return model
 
@@ -355,7 +356,7 @@ def training_pool(name: str | None, params: Params, dataset: CTDataset, denoiser
     the crops: the spatial cVAE and the cINN of a denoiser train on the same pool, and f(x) of
     the RED-CNN family costs more than a training step on a CPU.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     from .denoiser_training import dataset_key
 
@@ -459,7 +460,7 @@ def train_vae(denoiser: str | None, params: Params, dataset: CTDataset, out_dir:
         n_steps, batch_size = cfg.spatial.iterations, cfg.spatial.batch_size
     else:
         critic = _build_critic(conditional, params).to(dev)
-        vgg_path = resolve_weights(cfg.vgg16_weights)
+        vgg_path = resolve_weights(cfg.vgg16_weights, params.source_file)
         perceptual = build_perceptual_loss(vgg_path, params_key="vae.vgg16_weights").to(dev)
         step_fn, optimizers = _make_step(vae, critic, den, params, perceptual)
         modules = {"vae": vae, "critic": critic}
