@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .params import CustomDenoiserParams, Params
-from .paths import RELATIVE_RULE, repo_root, resolve_setting
+from .paths import RELATIVE_RULE, setting_candidates
 
 __all__ = ["is_custom", "spec", "build_custom", "identity", "HUAdapter"]
 
@@ -41,14 +41,9 @@ def spec(name: str, params: Params) -> CustomDenoiserParams:
 def _resolve(setting: str, params: Params, what: str) -> Path:
     """A file setting (:data:`~invariscope.paths.RELATIVE_RULE`); FileNotFoundError naming
     where it was looked for."""
-    path = Path(setting).expanduser()
-    if path.is_absolute():
-        tried = [path]
-    else:
-        bases = [Path(params.source_file).parent] if params.source_file else []
-        tried = [base / path for base in [*bases, repo_root()]]
-    found = resolve_setting(setting, params.source_file)
-    if found.is_file():
+    tried = setting_candidates(setting, params.source_file)
+    found = next((c for c in tried if c.is_file()), None)
+    if found is not None:
         return found.resolve()
     raise FileNotFoundError(f"{params.source_file}: {what} {setting!r} not found (looked at "
                             f"{', '.join(map(str, tried))}: {RELATIVE_RULE})")

@@ -25,31 +25,28 @@ def repo_root() -> Path:
     return root
 
 
-def from_repo_root(setting: str | os.PathLike[str]) -> Path:
-    """A path setting: ``~`` expanded, a relative one taken from the repository root (not from
-    the folder a notebook or script runs in)."""
-    path = Path(setting).expanduser()
-    return path if path.is_absolute() else repo_root() / path
-
-
 #: The one rule for relative paths in params files (error messages quote it).
 RELATIVE_RULE = ("a relative path in a params file is looked up next to that params file first, "
                  "then in the repository root")
 
 
-def resolve_setting(setting: str | os.PathLike[str], source_file: str | os.PathLike[str] | None
-                    ) -> Path:
-    """A path setting of a params file (:data:`RELATIVE_RULE`): ``~`` expanded; a relative one
-    next to ``source_file`` when it exists there, else from the repository root (returned even
-    when missing, so that errors name it)."""
+def setting_candidates(setting: str | os.PathLike[str],
+                       source_file: str | os.PathLike[str] | None) -> list[Path]:
+    """Where a path setting of a params file is looked for, in order (:data:`RELATIVE_RULE`):
+    itself when absolute (``~`` expanded), else next to ``source_file``, then the repository root."""
     path = Path(setting).expanduser()
     if path.is_absolute():
-        return path
-    if source_file:
-        beside = Path(source_file).expanduser().resolve().parent / path
-        if beside.exists():
-            return beside
-    return repo_root() / path
+        return [path]
+    beside = [Path(source_file).expanduser().resolve().parent / path] if source_file else []
+    return [*beside, repo_root() / path]
+
+
+def resolve_setting(setting: str | os.PathLike[str], source_file: str | os.PathLike[str] | None
+                    ) -> Path:
+    """A path setting of a params file: the first of :func:`setting_candidates` that exists,
+    else the last (so that errors name it)."""
+    candidates = setting_candidates(setting, source_file)
+    return next((c for c in candidates if c.exists()), candidates[-1])
 
 
 def params_dir() -> Path:

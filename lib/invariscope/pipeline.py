@@ -165,29 +165,37 @@ def custom_identities(params: Params) -> dict[str, str]:
     return out | {d: identity(d, params) for d in names}
 
 
-def stamps(jobs: list[Job], params_dump: dict[str, Any],
-           identities: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Stamp of every job of a full plan. A per-denoiser job depends on the earlier jobs of its
-    own denoiser, of the stages' extra runs and on the data stage (not on summaries such as
-    Table 1, so adding a denoiser leaves the others' jobs alone); a once-per-profile job depends
-    on every earlier job. ``identities``: per denoiser, what else its jobs depend on (see
-    :func:`custom_identities`), and per ``"stage:<name>"`` what else a once-per-profile job
-    depends on (the data stage: the Mayo tree's files). Keyed by :attr:`Job.label`."""
-    identities = identities or {}
-    out: dict[str, str] = {}
+def upstream(jobs: list[Job], job: Job) -> list[Job]:
+    """The jobs of ``jobs`` that ``job`` reads: a per-denoiser job reads the earlier jobs of its
+    own denoiser, the stages' extra runs and the data stage (not summaries such as Table 1, so
+    adding a denoiser leaves the others' jobs alone); a once-per-profile job reads every earlier
+    job."""
     order = [s.name for s in STAGES]
     first_per_denoiser = min(i for i, s in enumerate(STAGES) if s.per_denoiser)
+    rank = order.index(job.stage.name)
 
-    def feeds(j: Job, job: Job) -> bool:
+    def feeds(j: Job) -> bool:
+        if order.index(j.stage.name) >= rank:
+            return False
         if not job.stage.per_denoiser:
             return True
         if not j.stage.per_denoiser:
             return order.index(j.stage.name) < first_per_denoiser
         return j.denoiser == job.denoiser or j.denoiser in j.stage.extra_runs
 
+    return [j for j in jobs if feeds(j)]
+
+
+def stamps(jobs: list[Job], params_dump: dict[str, Any],
+           identities: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Stamp of every job of a full plan, from the stamps of the jobs it reads (:func:`upstream`;
+    ``jobs`` in plan order). ``identities``: per denoiser, what else its jobs depend on (see
+    :func:`custom_identities`), and per ``"stage:<name>"`` what else a once-per-profile job
+    depends on (the data stage: the Mayo tree's files). Keyed by :attr:`Job.label`."""
+    identities = identities or {}
+    out: dict[str, str] = {}
     for job in jobs:
-        rank = order.index(job.stage.name)
-        up = [j for j in jobs[:len(out)] if order.index(j.stage.name) < rank and feeds(j, job)]
+        up = upstream(jobs, job)
         identity = (identities.get(job.denoiser) if job.stage.per_denoiser
                     else identities.get(f"stage:{job.stage.name}"))
         out[job.label] = job_stamp(job, params_dump, [out[j.label] for j in up], identity)

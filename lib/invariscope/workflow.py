@@ -21,7 +21,7 @@ from typing import Any
 
 from .params import Params, load_params
 from .paths import repo_root
-from .pipeline import STAGES, Job, Stage, custom_identities, plan, stamps
+from .pipeline import STAGES, Job, Stage, custom_identities, plan, stamps, upstream
 
 #: Methods with a training loop (their denoiser job writes ``best.pt``).
 TRAINED = ("cnn10", "redcnn", "wganvgg", "dugan")
@@ -105,21 +105,8 @@ class Workflow:
         return outputs(self.profile, job.stage, job.denoiser)
 
     def upstream(self, job: Job) -> list[Job]:
-        """The jobs whose outputs ``job`` reads (as in :func:`~invariscope.pipeline.stamps`)."""
-        order = [s.name for s in STAGES]
-        first_per_denoiser = min(i for i, s in enumerate(STAGES) if s.per_denoiser)
-        rank = order.index(job.stage.name)
-
-        def feeds(j: Job) -> bool:
-            if order.index(j.stage.name) >= rank:
-                return False
-            if not job.stage.per_denoiser:
-                return True
-            if not j.stage.per_denoiser:
-                return order.index(j.stage.name) < first_per_denoiser
-            return j.denoiser == job.denoiser or j.denoiser in j.stage.extra_runs
-
-        return [j for j in self.jobs if feeds(j)]
+        """The jobs whose outputs ``job`` reads (:func:`~invariscope.pipeline.upstream`)."""
+        return upstream(self.jobs, job)
 
     def inputs(self, stage_name: str, denoiser: str | None = None) -> list[str]:
         """Input files of a job: the outputs of its upstream jobs."""
@@ -142,12 +129,17 @@ class Workflow:
 
     def benchmark(self, stage_name: str, denoiser: str | None = None) -> str:
         """Snakemake's per-job record of wall time and peak memory."""
-        label = f"{stage_name}_{denoiser}" if denoiser else stage_name
-        return f"runs/{self.profile}/benchmarks/{label}.tsv"
+        return benchmark_file(self.profile, stage_name, denoiser)
 
     def resources(self, stage_name: str) -> dict[str, Any]:
         """Snakemake resources of a stage's jobs for a cluster executor (params ``cluster``)."""
         return self.params.cluster.resources(stage_name)
+
+
+def benchmark_file(profile: str, stage_name: str, denoiser: str | None) -> str:
+    """A job's Snakemake benchmark file, relative to the repository root."""
+    label = f"{stage_name}_{denoiser}" if denoiser else stage_name
+    return f"runs/{profile}/benchmarks/{label}.tsv"
 
 
 def timings_rows(profile: str, jobs: list[Job]) -> list[str]:
@@ -155,8 +147,7 @@ def timings_rows(profile: str, jobs: list[Job]) -> list[str]:
     seconds, peak resident memory (MB) and when it finished."""
     rows = ["job,seconds,max_rss_mb,finished"]
     for job in jobs:
-        label = f"{job.stage.name}_{job.denoiser}" if job.denoiser else job.stage.name
-        f = repo_root() / "runs" / profile / "benchmarks" / f"{label}.tsv"
+        f = repo_root() / benchmark_file(profile, job.stage.name, job.denoiser)
         try:
             head, values = f.read_text().splitlines()[:2]
         except (OSError, ValueError):
