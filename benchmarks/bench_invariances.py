@@ -8,7 +8,7 @@ Usage (from the repository root)::
 
 For each size (the ``default`` and ``paper`` profiles' ``vae`` and ``cinn`` sections) the cVAE and
 the cINN are built with random weights (every ActNorm of the cINN initialized from a random
-batch, as a trained model would be) and :func:`invariscope.invariances.sample_invariances` draws
+batch, as a trained model would be) and :func:`invariscope.stages.invariances.sample_invariances` draws
 ``crops x invariances`` invariances of random test crops, timing each part: the cINN (condition
 embedding, once per crop, and the inverse flow), the decoder D(z̃, ŷ), the denoiser (f(x) and
 f(x̃)), crop loading and conversion to float16 HU. The denoisers are Gauss+RI (no cost to speak
@@ -32,14 +32,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 
-from invariscope import invariances as inv  # noqa: E402
-from invariscope.cinn import count_parameters  # noqa: E402
-from invariscope.cinn_training import build_cinn  # noqa: E402
-from invariscope.dataset import DatasetWriter  # noqa: E402
-from invariscope.denoisers import build_denoiser  # noqa: E402
-from invariscope.loader import fixed_crops  # noqa: E402
-from invariscope.params import load_params  # noqa: E402
-from invariscope.vae_training import build_vae  # noqa: E402
+from invariscope.config.params import load_params  # noqa: E402
+from invariscope.data.dataset import DatasetWriter  # noqa: E402
+from invariscope.data.loader import fixed_crops  # noqa: E402
+from invariscope.models.cinn import count_parameters  # noqa: E402
+from invariscope.models.denoisers import build_denoiser  # noqa: E402
+from invariscope.stages import invariances as inv  # noqa: E402
+from invariscope.stages.cinn_training import build_cinn  # noqa: E402
+from invariscope.stages.vae_training import build_vae  # noqa: E402
 
 README = Path(__file__).resolve().parent / "README.md"
 SECTION = "## Invariance sampling"
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                                    f"| {r['cinn_s']:.3f} s | {r['iterations']:,}: {_duration(r['hours'])} |"
                                    for r in steps))
     text = (f"{SECTION}\n\n"
-            "`invariscope.invariances.sample_invariances` (ŷ = f(x), v ~ N(0, I), z̃ = t⁻¹(v | ŷ), "
+            "`invariscope.stages.invariances.sample_invariances` (ŷ = f(x), v ~ N(0, I), z̃ = t⁻¹(v | ŷ), "
             "x̃ = D(z̃, ŷ), and f(x̃)) with randomly initialised cVAE, cINN (ActNorm initialized from a "
             "random batch) and denoiser at the sizes of the default and paper profiles; each condition "
             "is embedded once per crop. Times are totals over the run; the cINN column is embedding + "

@@ -29,12 +29,13 @@ from torch.utils.flop_counter import flop_registry
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 
-from invariscope import denoiser_training as dt  # noqa: E402
-from invariscope import vae_training as vt  # noqa: E402
-from invariscope.cinn_training import build_cinn  # noqa: E402
-from invariscope.denoisers import GaussRI, build_denoiser  # noqa: E402
-from invariscope.embedding import build_embedder  # noqa: E402
-from invariscope.params import load_params  # noqa: E402
+from invariscope.config.params import load_params  # noqa: E402
+from invariscope.models.denoisers import GaussRI, build_denoiser  # noqa: E402
+from invariscope.names import TRAINED_METHODS  # noqa: E402
+from invariscope.stages import denoiser_training as dt  # noqa: E402
+from invariscope.stages import vae_training as vt  # noqa: E402
+from invariscope.stages.cinn_training import build_cinn  # noqa: E402
+from invariscope.stages.embedding import build_embedder  # noqa: E402
 
 README = Path(__file__).resolve().parent / "README.md"
 SECTION = "## Paper profile: floating-point work"
@@ -75,7 +76,7 @@ def count(params) -> list[tuple[str, str, float]]:
     rows = []
     den = params.denoisers
     slice_px = 512
-    for name in dt.TRAINED_METHODS:
+    for name in TRAINED_METHODS:
         cfg = getattr(den, name)
         setup = dt._setup(name, params, fake, cpu)
         p = cfg.patch_size

@@ -6,7 +6,7 @@ Usage (from the repository root)::
     PYTHONPATH=lib .venv/bin/python benchmarks/bench_simulator.py --write    # + update README
     PYTHONPATH=lib .venv/bin/python benchmarks/bench_simulator.py --calibrate 4500 5000 5500
 
-The benchmark times :func:`invariscope.ctsim.simulate_dose_pair` (1 forward projection and
+The benchmark times :func:`invariscope.data.ctsim.simulate_dose_pair` (1 forward projection and
 2 FBPs per slice, batched sparse products) against the same pipeline built on scikit-image
 (``radon`` + 2 × ``iradon``, same image size, views and a detector covering the whole square,
 i.e. ``circle=False``), both single-process, and the time of a default cohort-sized workload
@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 
-from invariscope import ctsim, phantom  # noqa: E402
+from invariscope.data import ctsim, phantom  # noqa: E402
 
 SIZE = ctsim.DEFAULT_SIZE
 FOV = ctsim.DEFAULT_FOV_MM
@@ -158,7 +158,7 @@ def report(res: dict[str, float], cal: list[str]) -> str:
     lines = [
         "## Simulator",
         "",
-        "Low-dose CT simulator (`invariscope.phantom` + `invariscope.ctsim`) at the default geometry:",
+        "Low-dose CT simulator (`invariscope.data.phantom` + `invariscope.data.ctsim`) at the default geometry:",
         f"{SIZE}² slices, FOV {FOV:.0f} mm, {VIEWS} parallel-beam views over 180°, "
         f"{ctsim.default_n_det(SIZE)} detector bins; one forward projection and two FBPs (low and full dose) per slice.",
         "",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from invariscope.dataset import CTDataset, DatasetWriter
+from invariscope.data.dataset import CTDataset, DatasetWriter
 
 
 def smooth_noisy_dataset(root, slices=(3, 3, 3, 3, 3, 2), size=64, noise_hu=120.0,

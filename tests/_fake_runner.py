@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from invariscope.params import load_params
+from invariscope.config.params import load_params
 from invariscope.pipeline import STAGES
 from invariscope.workflow import outputs
 
@@ -48,7 +48,9 @@ def main(argv: list[str]) -> int:
         return 1
     for f in files:
         (root / f).parent.mkdir(parents=True, exist_ok=True)
-        (root / f).write_text(f"{label}\n")
+        text = (json.dumps({"cells": [], "metadata": {"job": label}, "nbformat": 4, "nbformat_minor": 5})
+                if f.endswith(".ipynb") else label)
+        (root / f).write_text(f"{text}\n")
     return 0
 
 

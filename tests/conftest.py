@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from invariscope.dataset import CTDataset, DatasetWriter
+from invariscope.data.dataset import CTDataset, DatasetWriter
 
 
 def make_dataset(root, slices=(2, 5, 9, 3, 4, 6), size=48, seed=0) -> CTDataset:
@@ -70,9 +70,9 @@ TINY_SPATIAL = {
 def tiny_sampling_models():
     """Gauss+RI, a small random cVAE (32² crops, latent 16) and a small cINN whose ActNorms are
     initialized from a fixed random batch: enough to sample invariances in milliseconds."""
-    from invariscope.cinn import ConditionalINN
-    from invariscope.denoisers import GaussRI
-    from invariscope.vae import ConditionalVAE, VAEConfig
+    from invariscope.models.cinn import ConditionalINN
+    from invariscope.models.denoisers import GaussRI
+    from invariscope.models.vae import ConditionalVAE, VAEConfig
 
     torch.manual_seed(0)
     vae = ConditionalVAE(VAEConfig.small(crop_size=32, latent_dim=16)).eval()

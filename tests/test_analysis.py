@@ -13,9 +13,12 @@ import pytest
 import torch
 from torch import nn
 
-from invariscope import analysis, stats
-from invariscope import invariances as inv
-from invariscope.loader import Normalizer
+from invariscope import figures
+from invariscope.data.loader import Normalizer
+from invariscope.evaluation import stats
+from invariscope.provenance import metrics_key
+from invariscope.stages import analysis
+from invariscope.stages import invariances as inv
 
 NORM = Normalizer(-500.0, 250.0)
 
@@ -100,7 +103,7 @@ def test_quantile_picks_and_figure_show_the_chosen_crops():
             g = df[df.denoiser == name]
             assert picks[name].tolist() == g.crop.to_numpy()[stats.quantile_indices(g[metric], q)].tolist()
             assert np.all(np.diff(g.set_index("crop").loc[picks[name], metric]) >= 0)  # left to right
-        fig = analysis.quantile_figure(results, df, metric, q, figure=6)
+        fig = figures.quantile_figure(results, df, metric, q, figure=6)
         axes = np.array(fig.axes).reshape(2, 8)
         for r, name in enumerate(results):
             g = df[df.denoiser == name].set_index("crop")
@@ -114,7 +117,7 @@ def test_quantile_picks_and_figure_show_the_chosen_crops():
         assert "C = -600 HU, W = 1500 HU" in caption and "Figure 6" in caption
         matplotlib.pyplot.close(fig)
     with pytest.raises(ValueError, match="s_vae"):
-        analysis.quantile_figure(results, df, "md")
+        figures.quantile_figure(results, df, "md")
 
 
 def _known(rng, n, md, s):
@@ -163,8 +166,8 @@ def test_analyze_caches_metrics_and_keeps_only_figure_crops(tmp_path, monkeypatc
         inv.save_invariances(inv_dir / f"{name}.npz", {**_result(n=9, seed=k), "mode": np.asarray("cinn"),
                                                         "key": np.asarray(f"k{k}")})
     ckpt = tmp_path / "vae.pt"
-    ckpt.write_bytes(b"weights")
-    key = analysis.metrics_key(inv_dir, ["redcnn", "gaussri"], [ckpt])
+    torch.save({"modules": {"vae": {"w": torch.ones(2)}}, "step": 1}, ckpt)
+    key = metrics_key(inv_dir, ["redcnn", "gaussri"], [ckpt])
     cache = tmp_path / "analysis" / "metrics.csv"
     q = (0.125, 0.375, 0.625, 0.875)
     metrics, shown = analysis.analyze(inv_dir, ["redcnn", "gaussri"], HalfMeans(), MeanMax(), NORM, q,
@@ -181,8 +184,8 @@ def test_analyze_caches_metrics_and_keeps_only_figure_crops(tmp_path, monkeypatc
         for i in picked:
             assert np.array_equal(shown[name]["x_tilde"][i], full[name]["x_tilde"][i])
     # the figure from the kept crops equals the one from the full sets
-    a = analysis.quantile_figure(full, ref, "s_dml", q)
-    b = analysis.quantile_figure(shown, metrics, "s_dml", q)
+    a = figures.quantile_figure(full, ref, "s_dml", q)
+    b = figures.quantile_figure(shown, metrics, "s_dml", q)
     for ax_a, ax_b in zip(a.axes, b.axes):
         assert np.array_equal(ax_a.images[0].get_array(), ax_b.images[0].get_array())
     # a second run reads the cache; another key (e.g. a retrained VAE) or force recomputes
@@ -192,8 +195,8 @@ def test_analyze_caches_metrics_and_keeps_only_figure_crops(tmp_path, monkeypatc
     again, _ = analysis.analyze(inv_dir, ["redcnn", "gaussri"], HalfMeans(), MeanMax(), NORM, q,
                                 cache=cache, key=key)
     assert calls == [] and np.allclose(again[["md", "s_vae", "s_dml"]], ref[["md", "s_vae", "s_dml"]])
-    ckpt.write_bytes(b"retrained")
-    key2 = analysis.metrics_key(inv_dir, ["redcnn", "gaussri"], [ckpt])
+    torch.save({"modules": {"vae": {"w": torch.zeros(2)}}, "step": 1}, ckpt)
+    key2 = metrics_key(inv_dir, ["redcnn", "gaussri"], [ckpt])
     assert key2 != key
     analysis.analyze(inv_dir, ["redcnn", "gaussri"], HalfMeans(), MeanMax(), NORM, q, cache=cache, key=key2)
     assert len(calls) == 2
@@ -201,4 +204,4 @@ def test_analyze_caches_metrics_and_keeps_only_figure_crops(tmp_path, monkeypatc
                      key=key2, force=True)
     assert len(calls) == 4
     with pytest.raises(FileNotFoundError, match="04_invariances.*dugan"):
-        analysis.metrics_key(inv_dir, ["redcnn", "dugan"], [ckpt])
+        metrics_key(inv_dir, ["redcnn", "dugan"], [ckpt])

@@ -5,14 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from invariscope.backbones import (
-    VGGPerceptualLoss,
-    load_imagenet_weights,
-    resnet50,
-    vgg16_features,
-    vgg19_features,
-    vgg_layer_names,
-)
+from invariscope.models.backbones import (VGGPerceptualLoss, load_imagenet_weights, resnet50, vgg16_features,
+                                          vgg19_features, vgg_layer_names)
 
 
 def n_params(m: torch.nn.Module) -> int:

@@ -8,15 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from invariscope.cinn import (
-    PAPER_CINN_CONFIG,
-    ConditionalINN,
-    ConditionEmbedder,
-    InvertibleLeakyReLU,
-    NotInitializedError,
-    count_parameters,
-    expected_parameter_count,
-)
+from invariscope.models.cinn import (PAPER_CINN_CONFIG, ConditionalINN, ConditionEmbedder,
+                                     InvertibleLeakyReLU, NotInitializedError, count_parameters,
+                                     expected_parameter_count)
 
 SMALL = dict(latent_dim=8, cond_size=32, cond_dim=6, base_channels=4, n_blocks=3, hidden=16)
 

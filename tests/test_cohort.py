@@ -5,9 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from invariscope import cohort
-from invariscope.dataset import DatasetError
-from invariscope.params import load_params
+from invariscope.config.params import load_params
+from invariscope.data import cohort
+from invariscope.data.dataset import DatasetError
 
 TINY = {"data.split": {"train": 1, "val": 1, "test": 1}, "data.simulation.image_size": 64,
         "data.simulation.n_views": 60, "data.simulation.slices_per_patient": [1, 1]}
@@ -45,19 +45,19 @@ def test_cache_removal_stays_inside_the_data_folder(params, tmp_path):
 
 
 def test_relative_mayo_root_is_taken_from_the_repo_root(params):
-    from invariscope.paths import repo_root
+    from invariscope.config.paths import repo_root
 
     rel = params.data.model_copy(update={"source": "mayo", "mayo_root": "data/LDCT"})
     assert cohort.mayo_root(rel) == (repo_root() / "data" / "LDCT").resolve()
     absolute = rel.model_copy(update={"mayo_root": "/srv/LDCT"})
     assert cohort.mayo_root(absolute) == Path("/srv/LDCT").resolve()
-    assert cohort.import_key(rel) != cohort.import_key(absolute)
+    assert cohort.mayo_import_dir(rel) != cohort.mayo_import_dir(absolute)
 
 
 def test_relative_paths_follow_one_rule(tmp_path, monkeypatch):
     """A relative path in a params file: next to that file first, then the repository root; a
     missing Mayo folder is an error that states the rule."""
-    from invariscope.paths import RELATIVE_RULE
+    from invariscope.config.paths import RELATIVE_RULE
 
     monkeypatch.setenv("INVARISCOPE_DATA", str(tmp_path / "data"))
     (tmp_path / "mine").mkdir()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from invariscope import ctsim
+from invariscope.data import ctsim
 
 SIZE, FOV, VIEWS = 96, 192.0, 120  # pixel 2 mm
 
@@ -140,7 +140,7 @@ def test_soft_tissue_bias_of_chest_phantoms_at_default_dose() -> None:
     """Mean low-/full-dose bias in the soft tissue of chest slices (default geometry) < 5 HU."""
     from scipy.ndimage import binary_erosion
 
-    from invariscope import phantom
+    from invariscope.data import phantom
 
     rng = np.random.default_rng(3)
     proj = ctsim.get_projector(256, 400.0, 360)

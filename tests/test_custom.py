@@ -7,9 +7,11 @@ import textwrap
 import pytest
 import torch
 
-from invariscope import custom, pipeline
-from invariscope.denoiser_training import fingerprint, load_denoiser, train_denoiser
-from invariscope.params import ParamsError, load_params
+from invariscope import pipeline
+from invariscope.config.params import ParamsError, load_params
+from invariscope.models import custom
+from invariscope.provenance import denoiser_fingerprint as fingerprint
+from invariscope.stages.denoiser_training import load_denoiser, train_denoiser
 
 MODULE = '''
 import torch

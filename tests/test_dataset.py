@@ -6,11 +6,10 @@ import json
 
 import numpy as np
 import pytest
+from conftest import make_dataset
 
 from invariscope import atomic
-from invariscope.dataset import CTDataset, DatasetError, DatasetWriter, to_hu_int16
-
-from conftest import make_dataset
+from invariscope.data.dataset import CTDataset, DatasetError, DatasetWriter, to_hu_int16
 
 
 def test_round_trip(small_dataset):

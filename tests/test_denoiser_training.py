@@ -6,13 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from _denoise_data import smooth_noisy_dataset
-from invariscope import denoiser_training as dt
-from invariscope.denoisers import CNN10, GaussRI, WGANVGGGenerator
-from invariscope.loader import Normalizer
-from invariscope.params import load_params
-from invariscope.training import CheckpointMismatchError, NonFiniteLossError
+
+from invariscope.config.params import load_params
+from invariscope.data.loader import Normalizer
+from invariscope.models.denoisers import CNN10, GaussRI, WGANVGGGenerator
+from invariscope.names import TRAINED_METHODS
+from invariscope.stages import denoiser_training as dt
+from invariscope.stages.training import CheckpointMismatchError, NonFiniteLossError
 
 # Small and fast: 32x32 crops, tiny batches; DU-GAN with tiny discriminators, CutMix always on.
 _SMALL = {
@@ -62,7 +63,7 @@ def _patch_stream(monkeypatch, from_step, action):
     monkeypatch.setattr(dt, "BatchStream", Stream)
 
 
-@pytest.mark.parametrize("name", dt.TRAINED_METHODS)
+@pytest.mark.parametrize("name", TRAINED_METHODS)
 def test_each_method_trains_and_writes_checkpoints(name, toy, tmp_path):
     params = _params()
     res = dt.train_denoiser(name, params, toy, tmp_path, progress=False)
@@ -195,7 +196,7 @@ def test_missing_vgg_weights_file_says_how_to_get_it(toy, tmp_path):
 
 
 def test_wganvgg_loads_given_vgg_weights(toy, tmp_path):
-    from invariscope.backbones import vgg19_features
+    from invariscope.models.backbones import vgg19_features
 
     torch.manual_seed(3)
     f = tmp_path / "vgg19-dcbb9e9d.pth"

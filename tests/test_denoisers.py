@@ -13,19 +13,9 @@ import pytest
 import scipy.ndimage as ndi
 import torch
 
-from invariscope.denoisers import (
-    CNN10,
-    DENOISERS,
-    DUGANDiscriminator,
-    DUGANGenerator,
-    GaussRI,
-    REDCNN,
-    WGANVGGCritic,
-    WGANVGGGenerator,
-    build_denoiser,
-    load_ldctbench_checkpoint,
-    sobel_gradients,
-)
+from invariscope.models.denoisers import (CNN10, DENOISERS, REDCNN, DUGANDiscriminator, DUGANGenerator,
+                                          GaussRI, WGANVGGCritic, WGANVGGGenerator, build_denoiser,
+                                          load_ldctbench_checkpoint, sobel_gradients)
 
 
 def n_params(m: torch.nn.Module) -> int:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from invariscope import device as devices
-from invariscope.params import ParamsError, load_params
+from invariscope.config.params import ParamsError, load_params
 from invariscope.pipeline import run
 
 

@@ -7,18 +7,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_PIPELINE, make_dataset, tiny_sampling_models
 from scipy.ndimage import gaussian_filter
 
-from conftest import TINY_PIPELINE, make_dataset, tiny_sampling_models
-from invariscope import backbones
-from invariscope import cinn_training as ct
-from invariscope import embedding as emb
-from invariscope import invariances as inv
-from invariscope import vae_training
-from invariscope.loader import Normalizer, fixed_crops
-from invariscope.params import EmbeddingParams, ParamsError, load_params
-from invariscope.training import CheckpointMismatchError
-
+from invariscope import provenance
+from invariscope.config.params import EmbeddingParams, ParamsError, load_params
+from invariscope.data.loader import Normalizer, fixed_crops
+from invariscope.models import backbones
+from invariscope.stages import cinn_training as ct
+from invariscope.stages import embedding as emb
+from invariscope.stages import invariances as inv
+from invariscope.stages import vae_training
+from invariscope.stages.training import CheckpointMismatchError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -181,7 +181,7 @@ def test_params_validation():
                                  "analysis.reference": "cnn10"}).analysis.reference == "cnn10"
     with pytest.raises(ValueError, match="imagenet_weights needs backbone"):
         _toy_cfg(imagenet_weights="x.pth")
-    from invariscope import stats
+    from invariscope.evaluation import stats
 
     for profile in ("smoke", "default", "paper"):
         p = load_params(profile)
@@ -200,7 +200,7 @@ def test_sampling_without_outputs_keeps_invariances(tmp_path):
                                   outputs=False)
     assert np.array_equal(full["x_tilde"], bare["x_tilde"]) and np.array_equal(full["x"], bare["x"])
     assert bare["f_x_tilde"].shape == (3, 0, 32, 32)
-    assert inv.invariance_key(crops, 2, 7, False) != inv.invariance_key(crops, 2, 7, False, outputs=False)
+    assert provenance.invariance_key(crops, 2, 7, False) != provenance.invariance_key(crops, 2, 7, False, outputs=False)
     path = inv.save_invariances(tmp_path / "bare.npz", bare)
     assert inv.load_invariances(path)["f_x_tilde"].shape == (3, 0, 32, 32)
 
@@ -236,9 +236,9 @@ def test_stage_trains_caches_and_loads(stage, tmp_path, monkeypatch):
     assert train_set["crops"].tolist() == [list(c) for c in expected]
     # a rerun resamples nothing (and loads no sampling models) and trains nothing
     calls = []
-    real, real_load = inv._sample_chunk, ct.load_models
+    real, real_load = inv._sample_chunk, emb.load_models
     monkeypatch.setattr(inv, "_sample_chunk", lambda *a, **k: calls.append(1) or real(*a, **k))
-    monkeypatch.setattr(ct, "load_models", lambda *a, **k: calls.append(2) or real_load(*a, **k))
+    monkeypatch.setattr(emb, "load_models", lambda *a, **k: calls.append(2) or real_load(*a, **k))
     again = emb.train_embedding(params, ds, tmp_path, progress=False, **dirs)
     assert calls == [] and again.steps == 4 and again.resumed_from == 4
     # a damaged cache file is resampled
@@ -248,7 +248,7 @@ def test_stage_trains_caches_and_loads(stage, tmp_path, monkeypatch):
     loaded = emb.load_embedding(params, ds, tmp_path, **dirs)
     for k, v in trained.model.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k]), k
-    ckpt = emb.checkpoint_file(params, ds, tmp_path, **dirs)
+    ckpt = provenance.embedding_checkpoint(params, ds, tmp_path, **dirs)
     assert ckpt.parent.name.startswith("embedding-")
     with pytest.raises(FileNotFoundError, match="05_embedding"):
         emb.load_embedding(params, ds, tmp_path, path=ckpt.parent / "missing.pt", **dirs)

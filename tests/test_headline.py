@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from invariscope import headline
+from invariscope.evaluation import headline
 
 T1 = """method,n_slices,ssim_mean,ssim_sd,psnr_mean,psnr_sd,rmse_mean,rmse_sd
 LD,39,0.224,0.05,18.63,1.85,206.3,55.7

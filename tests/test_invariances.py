@@ -9,17 +9,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import TINY_PIPELINE, make_dataset, tiny_sampling_models
-from invariscope import cinn_training as ct
-from invariscope import invariances as inv
-from invariscope import vae_training
-from invariscope.denoisers import GaussRI
-from invariscope.loader import fixed_crops
-from invariscope.params import load_params
-from invariscope.spatial import ConvolutionalINN
-from invariscope.training import CheckpointMismatchError
 
+from invariscope import figures
+from invariscope.config.params import load_params
+from invariscope.data.loader import fixed_crops
+from invariscope.models.denoisers import GaussRI
+from invariscope.models.spatial import ConvolutionalINN
+from invariscope.stages import cinn_training as ct
+from invariscope.stages import invariances as inv
+from invariscope.stages import vae_training
+from invariscope.stages.training import CheckpointMismatchError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -226,10 +226,10 @@ def test_figure5_draws_every_denoiser(tiny):
     matplotlib.use("Agg")
     ds, f, vae, cinn, crops = tiny
     a = inv.sample_invariances(f, vae, cinn, ds, crops, 3, 4, seed=7, progress=False)
-    fig = inv.figure5({"gaussri": a, "cnn10": a}, crop_index=1)
+    fig = figures.figure5({"gaussri": a, "cnn10": a}, crop_index=1)
     assert len(fig.axes) == 2 * 6 + 1  # + colour bar
     with pytest.raises(IndexError):
-        inv.figure5({"gaussri": a}, crop_index=9)
+        figures.figure5({"gaussri": a}, crop_index=9)
 
 
 # ------------------------------------------------------------------------ cINN training

@@ -7,8 +7,8 @@ import pytest
 import torch
 from scipy import stats
 
-from invariscope.loader import (CropDataset, Normalizer, PatientWeightedCropSampler, fixed_crops,
-                                slice_weights, training_loader)
+from invariscope.data.loader import (CropDataset, Normalizer, PatientWeightedCropSampler, fixed_crops,
+                                     slice_weights, training_loader)
 
 
 def test_every_patient_equally_likely(small_dataset):

@@ -12,16 +12,9 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from invariscope.dataset import MAYO_MEAN_HU, MAYO_STD_HU, CTDataset, DatasetError, DatasetWriter
-from invariscope.mayo import (
-    AUTHORS_SPLIT,
-    MayoImportError,
-    find_patients,
-    import_mayo,
-    pair_positions,
-    read_series,
-    split_of,
-)
+from invariscope.data.dataset import MAYO_MEAN_HU, MAYO_STD_HU, CTDataset, DatasetError, DatasetWriter
+from invariscope.data.mayo import (AUTHORS_SPLIT, MayoImportError, find_patients, import_mayo, pair_positions,
+                                   read_series, split_of)
 
 N_SLICES = 4
 LOW_EXTRA_HU = 7  # low dose = full dose + 7 HU everywhere (a stand-in for noise)

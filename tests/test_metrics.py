@@ -10,16 +10,8 @@ import pytest
 from skimage import data as skdata
 from skimage.metrics import mean_squared_error, peak_signal_noise_ratio, structural_similarity
 
-from invariscope.metrics import (
-    HU_CLIP,
-    LUNG_WINDOW,
-    evaluate_slices,
-    psnr_lung,
-    rmse_hu,
-    ssim_lung,
-    summarize,
-    window,
-)
+from invariscope.evaluation.metrics import (HU_CLIP, LUNG_WINDOW, evaluate_slices, psnr_lung, rmse_hu,
+                                            ssim_lung, summarize, window)
 
 
 @pytest.fixture(scope="module")

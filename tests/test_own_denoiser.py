@@ -10,14 +10,17 @@ import matplotlib
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY_PIPELINE, make_dataset
-from invariscope import analysis, cinn_training, evaluation, vae_training
-from invariscope import embedding as emb
-from invariscope import invariances as inv
-from invariscope.denoiser_training import denoise_hu, train_denoiser
-from invariscope.loader import Normalizer, fixed_crops
-from invariscope.params import load_params
+
+from invariscope import figures
+from invariscope.config.params import load_params
+from invariscope.data.loader import Normalizer, fixed_crops
+from invariscope.evaluation import denoising
+from invariscope.stages import analysis, cinn_training
+from invariscope.stages import embedding as emb
+from invariscope.stages import invariances as inv
+from invariscope.stages import vae_training
+from invariscope.stages.denoiser_training import denoise_hu, train_denoiser
 
 matplotlib.use("Agg")
 
@@ -77,7 +80,7 @@ def test_own_denoiser_from_a_module_and_a_params_file(tmp_path):
     with torch.no_grad():
         expected = norm.to_hu(net(torch.from_numpy(norm(low))[:, None]))[:, 0].numpy()
     assert np.allclose(denoise_hu(trained.model, low, norm), expected, atol=1e-3)
-    rows = evaluation.evaluate_on_split(ds, lambda hu: denoise_hu(trained.model, hu, norm), "test")
+    rows = denoising.evaluate_on_split(ds, lambda hu: denoise_hu(trained.model, hu, norm), "test")
     assert len(rows) == len(ds.slice_index("test")) and rows["rmse"].notna().all()
 
     # --- its cVAE and cINN; the unconditional VAE and Gauss+RI for the comparison
@@ -103,7 +106,7 @@ def test_own_denoiser_from_a_module_and_a_params_file(tmp_path):
         controls = inv.control_measures(sets[name], prior)
         assert set(inv.MEASURES) <= set(controls)
         assert controls["input_change_hu"] > 0 and np.isfinite(controls["output_change_hu"])
-    fig = inv.figure5(sets, crop_index=0)
+    fig = figures.figure5(sets, crop_index=0)
     assert len(fig.axes) == 2 * 6 + 1
 
     # --- the pooled embedding and Table 2

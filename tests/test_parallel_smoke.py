@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from invariscope.paths import repo_root
+from invariscope.config.paths import repo_root
 
 TABLES = ("table1.csv", "vae_reconstruction.csv", "controls.csv", "table2.csv", "data_physics.csv",
           "split.csv")

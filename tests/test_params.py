@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from invariscope.params import PROFILES, ParamsError, digest, load_params, profile_path
+from invariscope.config.params import PROFILES, ParamsError, digest, load_params, profile_path
 
 
 @pytest.mark.parametrize("profile", PROFILES)

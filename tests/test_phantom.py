@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from invariscope import phantom
-from invariscope.phantom import ChestAnatomy, Lesion
+from invariscope.data import phantom
+from invariscope.data.phantom import ChestAnatomy, Lesion
 
 SIZE, FOV = 128, 400.0
 

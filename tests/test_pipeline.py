@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -14,8 +14,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from invariscope import pipeline
-from invariscope.paths import repo_root
+from invariscope import pipeline, provenance
+from invariscope.config.paths import repo_root
 
 
 def test_dry_run_lists_jobs_and_runs_nothing(capfd, tmp_path, monkeypatch):
@@ -36,7 +36,7 @@ def test_bad_arguments_are_reported(capsys, tmp_path):
 
 
 def test_stamp_changes_with_parameters():
-    from invariscope.params import load_params
+    from invariscope.config.params import load_params
 
     data, den = pipeline.plan("smoke", None, None, None, ["cnn10"])[:2]
     dump = load_params("smoke").model_dump(mode="json")
@@ -98,7 +98,7 @@ def test_spatial_profiles_train_the_spatial_unconditional_vae_too():
 
 
 def test_stamps_depend_only_on_what_a_job_reads():
-    from invariscope.params import load_params
+    from invariscope.config.params import load_params
 
     methods = ["cnn10", "redcnn", "gaussri"]
     jobs = pipeline.plan("smoke", None, None, None, methods)
@@ -198,6 +198,8 @@ def test_selections_and_order(fake_root, capfd):
         wf = Workflow.from_config({"profile": "smoke"})
         assert all(pos[u.label] < pos[label] for u in wf.upstream(job))
     assert _dry(capfd) == set()  # all done
+    published = root / "figures/smoke/notebooks"  # every job up to date: the companion is written
+    assert len(list(published.glob("*.ipynb"))) == len(ALL_SMOKE) and (published / "manifest.json").is_file()
     assert _dry(capfd, "--only", "denoiser", "--denoisers", "redcnn,gaussri", "--force") == {
         "denoiser[redcnn]", "denoiser[gaussri]"}
     rows = (root / "runs/smoke/timings.csv").read_text().splitlines()
@@ -208,6 +210,7 @@ def test_reruns_never_trust_a_half_finished_job(fake_root, capfd, monkeypatch):
     root, calls = fake_root
     assert pipeline.run(["--profile", "smoke", "--denoisers", "gaussri"]) == 0
     calls()
+    assert not (root / "figures/smoke/notebooks").exists()  # a partial run publishes nothing
     # interrupted (forced or not): rerun next time, and what reads it
     for force in ([], ["--force"]):
         if not force:  # out of date, so that a plain run starts it
@@ -346,7 +349,7 @@ def _own_denoiser(folder, weights: bool = False):
 def test_custom_denoiser_code_and_weights_reach_the_stamps(tmp_path):
     """A custom method's jobs, and what depends on them, change with its module file and
     weights; without identities (no custom method) the stamps are those of before."""
-    from invariscope.params import load_params
+    from invariscope.config.params import load_params
 
     params = load_params(_own_denoiser(tmp_path / "own", weights=True))
     jobs = pipeline.plan("x", None, None, None, params.denoisers.methods)
@@ -405,7 +408,7 @@ def test_missing_weights_stop_a_run_before_it_starts(fake_root, tmp_path, capfd)
     assert [c["job"] for c in calls()] == ["data"]
     (root / "data" / "weights").mkdir(parents=True)
     (root / "data" / "weights" / "none.pth").write_bytes(b"")
-    from invariscope.params import load_params
+    from invariscope.config.params import load_params
 
     jobs = pipeline.plan("smoke", None, "vae", None, ["gaussri"])
     assert pipeline.missing_weights(jobs, load_params(str(prof))) == []
@@ -414,8 +417,8 @@ def test_missing_weights_stop_a_run_before_it_starts(fake_root, tmp_path, capfd)
 def test_changed_dicom_tree_is_imported_again(tmp_path, monkeypatch):
     """A file added, rewritten or removed in the Mayo tree changes the import key (a new cache
     folder) and the data job's stamp (the workflow reruns the data stage and what follows)."""
-    from invariscope import cohort
-    from invariscope.params import load_params
+    from invariscope.config.params import load_params
+    from invariscope.data import cohort
 
     tree = tmp_path / "mayo" / "L067"
     tree.mkdir(parents=True)
@@ -425,7 +428,7 @@ def test_changed_dicom_tree_is_imported_again(tmp_path, monkeypatch):
     dump = params.model_dump(mode="json")
 
     def state():
-        return cohort.import_key(params.data), pipeline.stamps(
+        return provenance.import_key(cohort.mayo_root(params.data), params.data.on_error), pipeline.stamps(
             jobs, dump, pipeline.custom_identities(params))["data"]
 
     seen = [state()]
@@ -441,8 +444,8 @@ def test_changed_dicom_tree_is_imported_again(tmp_path, monkeypatch):
 
 
 def test_skipped_mayo_files_are_reported_on_the_terminal(tmp_path, monkeypatch, capsys):
-    from invariscope import cohort
-    from invariscope.params import load_params
+    from invariscope.config.params import load_params
+    from invariscope.data import cohort
 
     monkeypatch.setenv("INVARISCOPE_DATA", str(tmp_path / "data"))
     (tmp_path / "mayo").mkdir()

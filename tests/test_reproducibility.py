@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from invariscope import cohort, ctsim
-from invariscope.dataset import content_hash
-from invariscope.params import load_params
+from invariscope.config.params import load_params
+from invariscope.data import cohort, ctsim
+from invariscope.data.dataset import content_hash
+from invariscope.provenance import simulation_key
 
 TINY = {"data.split": {"train": 1, "val": 1, "test": 1}, "data.simulation.image_size": 64,
         "data.simulation.n_views": 60, "data.simulation.slices_per_patient": [1, 2]}
@@ -67,8 +68,8 @@ def test_backprojection_does_not_depend_on_the_thread_count():
 
 _PATIENT_HASH = textwrap.dedent("""
     import hashlib
-    from invariscope import cohort
-    from invariscope.params import load_params
+    from invariscope.data import cohort
+    from invariscope.config.params import load_params
     sim = load_params("smoke").data.simulation.model_copy(update={"image_size": 96, "n_views": 90})
     low, full, _, _ = cohort.simulate_patient(sim, 3)
     print(hashlib.sha256(low.tobytes() + full.tobytes()).hexdigest())
@@ -110,7 +111,7 @@ def test_cohort_hash_is_recorded_and_pinned(tiny):
     assert content_hash(ds.root, ds.manifest["patients"]) == ds.content_hash
     assert ds.content_hash == TINY_HASH, (
         "the simulator's numbers changed: if on purpose, bump `format` in "
-        "cohort.simulation_key and update TINY_HASH and the committed tables")
+        "provenance.simulation_key and update TINY_HASH and the committed tables")
 
 
 def test_cohort_hash_changes_with_one_value(tiny):
@@ -128,7 +129,7 @@ def test_committed_hash_check(tiny, tmp_path: Path):
     csv = tmp_path / "data_physics.csv"
     ok, msg = cohort.committed_hash_check(ds, params.data, csv)
     assert ok and "no committed" in msg
-    key = cohort.simulation_key(params.data)
+    key = simulation_key(params.data)
     csv.write_text(f",value\n{cohort.HASH_ROW},{ds.content_hash}\n{cohort.KEY_ROW},{key}\n")
     ok, msg = cohort.committed_hash_check(ds, params.data, csv)
     assert ok and "identical" in msg

@@ -1,4 +1,4 @@
-"""The spatial-latent cVAE and the convolutional cINN (invariscope.spatial)."""
+"""The spatial-latent cVAE and the convolutional cINN (invariscope.models.spatial)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from invariscope import invariances as inv
-from invariscope.params import ParamsError, load_params
-from invariscope.paths import repo_root
-from invariscope.spatial import ConvolutionalINN, SpatialVAE, SpatialVAEConfig, elbo_terms
+from invariscope.config.params import ParamsError, load_params
+from invariscope.config.paths import repo_root
+from invariscope.models.spatial import ConvolutionalINN, SpatialVAE, SpatialVAEConfig, elbo_terms
+from invariscope.stages import invariances as inv
 
 
 # ------------------------------------------------------------------------ the cVAE

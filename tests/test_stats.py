@@ -9,18 +9,9 @@ import torch
 from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 
-from invariscope.stats import (
-    bh_adjust,
-    DEFAULT_QUANTILES,
-    compare_to_reference,
-    cosine_similarity,
-    mean_abs_difference,
-    mean_similarity,
-    quantile_indices,
-    significance_stars,
-    table2,
-    write_table2,
-)
+from invariscope.evaluation.stats import (DEFAULT_QUANTILES, bh_adjust, compare_to_reference,
+                                          cosine_similarity, mean_abs_difference, mean_similarity,
+                                          quantile_indices, significance_stars, table2, write_table2)
 
 
 def _one(ref, other, metric="s_vae", alt="less") -> pd.Series:

@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from invariscope.training import (BatchStream, CheckpointMismatchError, NonFiniteLossError,
-                                  existing_checkpoint, load_best, train)
+from invariscope.atomic import file_sha
+from invariscope.provenance import checkpoint_sha, existing_checkpoint
+from invariscope.stages.training import BatchStream, CheckpointMismatchError, NonFiniteLossError, load_best, train
 
 
 def _setup(small_dataset, lr=1e-2):
@@ -103,11 +104,15 @@ def test_deleted_best_checkpoint_is_restored_from_last(small_dataset, tmp_path):
     train(step_fn, stream.iterate_from, 6, tmp_path, {"m": model}, {"o": opt}, "fp", seed=1,
           checkpoint_every=2, validate_fn=lambda: next(scores), progress=False)
     best_weights = torch.load(tmp_path / "best.pt", weights_only=False)["modules"]["m"]
+    identity, file_hash = checkpoint_sha(tmp_path / "best.pt"), file_sha(tmp_path / "best.pt")
     (tmp_path / "best.pt").unlink()
     model, opt, stream, step_fn = _setup(small_dataset)  # a fresh process resumes at step 6
     res = train(step_fn, stream.iterate_from, 8, tmp_path, {"m": model}, {"o": opt}, "fp", seed=1,
                 checkpoint_every=2, validate_fn=lambda: next(scores), progress=False)
     assert res.resumed_from == 6 and res.best_step == 4
+    # other bytes, the same weights: what reads this checkpoint stays valid
+    assert file_sha(tmp_path / "best.pt") != file_hash and checkpoint_sha(tmp_path / "best.pt") == identity
+    assert checkpoint_sha(tmp_path / "last.pt") != identity  # other weights (and step)
     assert load_best(tmp_path, {"m": model}, "fp") == 4
     for k, v in model.state_dict().items():
         assert torch.equal(v, best_weights[k])

@@ -10,25 +10,11 @@ import torch.nn as nn
 from torch.distributions import Normal
 from torch.distributions import kl_divergence as torch_kl
 
-from invariscope import backbones
-from invariscope.vae import (
-    LOGVAR_MAX,
-    LOGVAR_MIN,
-    ConditionalVAE,
-    Critic,
-    ResNetEncoder,
-    VAEConfig,
-    VAELossWeights,
-    active_dimensions,
-    adapt_rgb_conv,
-    count_parameters,
-    critic_loss_terms,
-    gradient_penalty,
-    kl_divergence,
-    mode_seeking_term,
-    vae_loss_terms,
-)
-
+from invariscope.models import backbones
+from invariscope.models.vae import (LOGVAR_MAX, LOGVAR_MIN, ConditionalVAE, Critic, ResNetEncoder, VAEConfig,
+                                    VAELossWeights, active_dimensions, adapt_rgb_conv, count_parameters,
+                                    critic_loss_terms, gradient_penalty, kl_divergence, mode_seeking_term,
+                                    vae_loss_terms)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

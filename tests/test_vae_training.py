@@ -10,16 +10,16 @@ matplotlib.use("Agg")
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY_PIPELINE, TINY_SPATIAL, make_dataset
-from invariscope import denoiser_training as dt
-from invariscope import pipeline
-from invariscope import vae_training as vt
-from invariscope.denoisers import build_denoiser
-from invariscope.evaluation import pick_examples
-from invariscope.params import load_params
-from invariscope.training import CheckpointMismatchError, NonFiniteLossError, save_checkpoint
-from invariscope.vae import kl_divergence
+
+from invariscope import figures, handoffs, pipeline, provenance
+from invariscope.config.params import load_params
+from invariscope.evaluation.denoising import pick_examples
+from invariscope.models.denoisers import build_denoiser
+from invariscope.models.vae import kl_divergence
+from invariscope.names import vae_name
+from invariscope.stages import vae_training as vt
+from invariscope.stages.training import CheckpointMismatchError, NonFiniteLossError, save_checkpoint
 
 # The smoke vae section with the global design, shrunk further: 32x32 crops, batch 2, a handful
 # of steps.
@@ -84,8 +84,8 @@ def test_unconditional_trains_writes_checkpoints_and_reports(ds, tmp_path):
     for key in ("mae_hu", "ssim", "kl_nats"):
         assert isinstance(report[key], float) and np.isfinite(report[key])
     assert report["mae_hu"] > 0 and -1 <= report["ssim"] <= 1 and report["kl_nats"] >= 0
-    vt.write_report(report, tmp_path)
-    assert vt.read_report(None, tmp_path) == report
+    handoffs.write_vae_report(report, tmp_path)
+    assert handoffs.read_vae_report(None, tmp_path) == report
     table = vt.reconstruction_table([report])
     assert list(table.columns) == list(vt.REPORT_COLUMNS) and len(table) == 1
 
@@ -154,12 +154,12 @@ def test_gaussri_cvae_end_to_end_and_figure4(ds, tmp_path):
 
     uvae = vt.train_vae(None, params, ds, tmp_path, progress=False)
     examples = pick_examples(ds, crop=16, seed=params.seed)
-    crops = vt.figure4_crops(ds, examples, 32)
+    crops = figures.figure4_crops(ds, examples, 32)
     for ex, c in zip(examples, crops):
         assert c["low"].shape == c["full"].shape == (32, 32)
         cy, cx = ex["top"] + ex["size"] // 2, ex["left"] + ex["size"] // 2
         assert c["top"] <= cy < c["top"] + 32 and c["left"] <= cx < c["left"] + 32
-    fig = vt.figure4(ds, examples, {"cVAE (Gauss+RI)": (cvae.model, cvae.denoiser),
+    fig = figures.figure4(ds, examples, {"cVAE (Gauss+RI)": (cvae.model, cvae.denoiser),
                                     "VAE": (uvae.model, None)})
     assert len(fig.axes) == 4 * len(examples)
     fig.savefig(tmp_path / "figure4.png")
@@ -191,7 +191,7 @@ def test_spatial_cvae_trains_and_reports(ds, tmp_path):
     assert isinstance(vt.load_vae("unconditional_spatial", params, ds, tmp_path / "full"),
                       type(u_sp.model))
     examples = pick_examples(ds, crop=16, seed=params.seed)
-    fig = vt.figure4(ds, examples, {"cVAE": (full.model, full.denoiser), "sp": (u_sp.model, None),
+    fig = figures.figure4(ds, examples, {"cVAE": (full.model, full.denoiser), "sp": (u_sp.model, None),
                                     "gl": (u_gl.model, None)})
     assert len(fig.axes) == 5 * len(examples)
 
@@ -205,7 +205,7 @@ def test_denoiser_checkpoint_is_part_of_the_fingerprint(ds, tmp_path):
         torch.manual_seed(seed)
         model = build_denoiser("cnn10")
         save_checkpoint(den_dir / "cnn10" / "best.pt", {"model": model}, {},
-                        dt.fingerprint("cnn10", params, ds), step=1)
+                        provenance.denoiser_fingerprint("cnn10", params, ds), step=1)
 
     with pytest.raises(FileNotFoundError):
         vt.train_vae("cnn10", params, ds, tmp_path / "vae", progress=False, denoiser_dir=den_dir)
@@ -226,7 +226,7 @@ def test_mode_seeking_and_identity_init_train(ds, tmp_path):
     assert "mode_seeking" not in dump and "decoder_init" not in dump
     on = _params(**{"vae.mode_seeking": 1.0, "vae.decoder_init": "identity"})
     assert on.model_dump(mode="json")["vae"]["mode_seeking"] == 1.0
-    assert vt.fingerprint("gaussri", on, ds) != vt.fingerprint("gaussri", off, ds)
+    assert provenance.vae_fingerprint("gaussri", on, ds) != provenance.vae_fingerprint("gaussri", off, ds)
     res = vt.train_vae("gaussri", on, ds, tmp_path, progress=False)
     logged = [h for h in res.history if "ms" in h]
     assert logged and all(np.isfinite(h["ms"]) and h["ms"] > 0 for h in logged)
@@ -259,10 +259,10 @@ def test_profiles_build_their_vae(profile):
 
 
 def test_vae_name_and_bad_denoiser():
-    assert vt.vae_name(None) == vt.vae_name("unconditional") == "unconditional"
-    assert vt.vae_name("RedCNN") == "redcnn"
+    assert vae_name(None) == vae_name("unconditional") == "unconditional"
+    assert vae_name("RedCNN") == "redcnn"
     with pytest.raises(ValueError, match="unknown denoiser"):
-        vt.vae_name("unet")
+        vae_name("unet")
 
 
 def test_pipeline_runs_the_vae_stage_unconditionally_and_per_denoiser():

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from invariscope import atomic, headline
-from invariscope.paths import figures_dir
+from invariscope import atomic
+from invariscope.config.paths import figures_dir
+from invariscope.evaluation import headline
 
 HERE = Path(__file__).resolve().parent
 RUNS = {"seed1332": "default", "seed1": "default_seed1", "seed2": "default_seed2"}

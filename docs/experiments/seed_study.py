@@ -3,8 +3,8 @@
 For every seed and denoiser: train the denoiser (CNN-10 and the other trained methods; Gauss+RI
 has nothing to train), its cVAE and its cINN with ``seed`` set to that value, sample the
 invariances and their prior ablation on the profile's fixed test crops, and compute
-:func:`invariscope.invariances.control_measures` and the targets of
-:func:`invariscope.invariances.check_targets`. Everything goes to ``runs/<run_name>/seed<k>/``
+:func:`invariscope.stages.invariances.control_measures` and the targets of
+:func:`invariscope.stages.invariances.check_targets`. Everything goes to ``runs/<run_name>/seed<k>/``
 (checkpoints resume; finished parts are reused); the table to ``docs/experiments/<out>.csv`` and
 a markdown summary beside it.
 
@@ -21,11 +21,15 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from invariscope import atomic, cinn_training, cohort, denoiser_training, vae_training
-from invariscope import invariances as inv
-from invariscope.loader import fixed_crops
-from invariscope.params import load_params
-from invariscope.paths import ensure, repo_root, run_dir
+from invariscope import atomic
+from invariscope.config.params import load_params
+from invariscope.config.paths import ensure, repo_root, run_dir
+from invariscope.data import cohort
+from invariscope.data.loader import fixed_crops
+from invariscope.provenance import cinn_identity
+from invariscope.stages import cinn_training, denoiser_training
+from invariscope.stages import invariances as inv
+from invariscope.stages import vae_training
 
 HERE = Path(__file__).resolve().parent
 
@@ -40,8 +44,7 @@ def run_one(params_file: str, seed: int, name: str, progress: bool) -> dict[str,
                            denoiser_dir=dirs["denoisers"])
     trained = cinn_training.train_cinn(name, params, dataset, dirs["cinn"], progress=progress,
                                        vae_dir=dirs["vae"], denoiser_dir=dirs["denoisers"])
-    models = cinn_training.checkpoint_identity(name, params, dataset, dirs["cinn"], dirs["vae"],
-                                               dirs["denoisers"])
+    models = cinn_identity(name, params, dataset, dirs["cinn"], dirs["vae"], dirs["denoisers"])
     cfg = params.invariances
     crops = fixed_crops(dataset, "test", params.vae.crop_size, cfg.n_crops, cfg.seed)
     common = dict(dataset=dataset, crops=crops, n_invariances=cfg.n_invariances,

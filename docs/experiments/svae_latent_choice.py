@@ -16,11 +16,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from invariscope import cohort, vae_training
-from invariscope import invariances as inv
-from invariscope.loader import Normalizer
-from invariscope.params import load_params
-from invariscope.paths import run_dir
+from invariscope.config.params import load_params
+from invariscope.config.paths import run_dir
+from invariscope.data import cohort
+from invariscope.data.loader import Normalizer
+from invariscope.names import UNCONDITIONAL_SPATIAL
+from invariscope.stages import invariances as inv
+from invariscope.stages import vae_training
 
 
 def main() -> None:
@@ -32,7 +34,7 @@ def main() -> None:
     ds = cohort.prepare_dataset(params, progress=False)
     norm = Normalizer.of(ds)
     root = run_dir(params.profile)
-    vae = vae_training.load_vae(vae_training.UNCONDITIONAL_SPATIAL, params, ds, root / "vae")
+    vae = vae_training.load_vae(UNCONDITIONAL_SPATIAL, params, ds, root / "vae")
     c = vae.latent_shape[0]
 
     def encode(hu: np.ndarray) -> torch.Tensor:

@@ -19,12 +19,12 @@ import argparse
 import numpy as np
 import torch
 
-from invariscope import cohort
-from invariscope.denoiser_training import denoise_hu, train_denoiser
-from invariscope.evaluation import evaluate_on_split
-from invariscope.loader import Normalizer
-from invariscope.params import load_params
-from invariscope.paths import run_dir
+from invariscope.config.params import load_params
+from invariscope.config.paths import run_dir
+from invariscope.data import cohort
+from invariscope.data.loader import Normalizer
+from invariscope.evaluation.denoising import evaluate_on_split
+from invariscope.stages.denoiser_training import denoise_hu, train_denoiser
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 ``device`` in a params file (or the environment variable ``INVARISCOPE_DEVICE``, which wins) is
 ``auto`` (the first CUDA GPU when torch sees one, else the CPU), ``cpu``, ``cuda`` or
 ``cuda:<index>``. Training moves its networks and batches there; the loaders
-(:func:`~invariscope.denoiser_training.load_denoiser`, ``load_vae``, ``load_cinn``,
+(:func:`~invariscope.stages.denoiser_training.load_denoiser`, ``load_vae``, ``load_cinn``,
 ``load_embedding``) return networks on it; the inference helpers take CPU tensors or NumPy
 arrays, move each batch to their network's device and return CPU results. Random draws that
 must not depend on the device (the v of every invariance, validation noise) are made on the
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .params import check_device as check_spec
+from invariscope.config.params import check_device as check_spec
 
 __all__ = ["ENV", "check_spec", "resolve", "of", "module_device", "to_device"]
 

@@ -23,9 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import atomic
-from .params import Params, ParamsError, digest, load_params
-from .paths import RELATIVE_RULE, ensure, figures_dir, repo_root, resolve_setting, run_dir
+from invariscope import atomic
+from invariscope.companion import notebook_code_sha, publish
+from invariscope.config.params import Params, ParamsError, digest, load_params
+from invariscope.config.paths import RELATIVE_RULE, ensure, figures_dir, repo_root, resolve_setting, run_dir
+from invariscope.evaluation.headline import run_check
 
 
 @dataclass(frozen=True)
@@ -123,15 +125,6 @@ def job_params(job: Job, params_dump: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def notebook_code_sha(notebook: Path) -> str:
-    """Hash of a notebook's code cells (their sources, in order): markdown, outputs and metadata
-    do not count, so editing a notebook's text reruns nothing."""
-    nb = json.loads(notebook.read_text())
-    code = ["".join(c["source"]) if isinstance(c["source"], list) else c["source"]
-            for c in nb.get("cells", []) if c.get("cell_type") == "code"]
-    return digest({"code": code}, length=16)
-
-
 def job_stamp(job: Job, params_dump: dict[str, Any], upstream: list[str],
               identity: str | None = None) -> str:
     """Everything a job's result depends on, hashed: its notebook's code cells, its params sections, its
@@ -149,20 +142,21 @@ def job_stamp(job: Job, params_dump: dict[str, Any], upstream: list[str],
 
 
 def custom_identities(params: Params) -> dict[str, str]:
-    """What a job depends on beyond its params: :func:`invariscope.custom.identity` of every
+    """What a job depends on beyond its params: :func:`invariscope.provenance.custom_identity` of every
     custom method of ``denoisers.methods`` (FileNotFoundError when its module file or weights
     are missing) and, with Mayo data, the DICOM tree's files (``stage:data``)."""
-    out = {}
-    if params.data.source == "mayo" and params.data.mayo_root:
-        from .cohort import mayo_root, tree_fingerprint
-
-        out["stage:data"] = tree_fingerprint(mayo_root(params.data, params.source_file))
+    out: dict[str, str] = {}
     names = [d for d in params.denoisers.methods if d in params.denoisers.custom]
-    if not names:
+    mayo = params.data.source == "mayo" and bool(params.data.mayo_root)
+    if not (names or mayo):
         return out
-    from .custom import identity  # imports torch: only when there are custom methods
+    # not a cycle: provenance imports torch, which the command line loads only when it must
+    from invariscope.provenance import custom_identity, tree_fingerprint
 
-    return out | {d: identity(d, params) for d in names}
+    if mayo:
+        root = resolve_setting(str(params.data.mayo_root), params.source_file).resolve()
+        out["stage:data"] = tree_fingerprint(root)
+    return out | {d: custom_identity(d, params) for d in names}
 
 
 def upstream(jobs: list[Job], job: Job) -> list[Job]:
@@ -280,8 +274,6 @@ def run(argv: list[str] | None = None) -> int:
     if args.run_job:
         return _run_job(args.run_job, args.profile, args.data, params)
     if args.check:
-        from .headline import run_check
-
         return run_check(params.profile)
     if args.data and not Path(args.data).expanduser().is_dir():
         print(f"error: --data {args.data}: no such folder", file=sys.stderr)
@@ -361,6 +353,12 @@ def run(argv: list[str] | None = None) -> int:
               "to resume: finished jobs are kept, an interrupted one reruns", file=sys.stderr)
         return 1
     print(f"\nthis run took {(time.time() - t_run) / 60:.1f} min")
+    if len(jobs) == len(full):  # every job is up to date: the executed notebooks go with the results
+        from invariscope.workflow import notebook_out  # workflow imports this module
+
+        folder = publish(params.profile, [repo_root() / notebook_out(params.profile, j.stage, j.denoiser)
+                                          for j in full])
+        print(f"executed notebooks (figures inline) in {folder.relative_to(repo_root())}/")
     _print_results(params.profile)
     return 0
 
@@ -375,7 +373,7 @@ def snakemake_command(params: Params, args: argparse.Namespace, jobs: list[Job],
     ``jobs`` (Snakemake checks only requested files for a missing output); ``--only``/``--from`` restrict the rules that may run; ``--force``
     forces exactly the selected jobs (the notebooks get ``force=True`` through
     ``$INVARISCOPE_FORCE_JOBS``, so a forced run leaves the stamps of a plain one)."""
-    from .workflow import notebook_out, outputs
+    from invariscope.workflow import notebook_out, outputs  # workflow imports this module
 
     threads = max(1, args.threads)
     config = [f"profile={args.profile}", f"data={args.data or ''}", f"threads={threads}"]
@@ -439,7 +437,7 @@ def _run_job(spec: str, profile: str, data: str | None, params: Params) -> int:
     """Execute one job's notebook (what a workflow rule runs): ``spec`` is ``STAGE`` or
     ``STAGE:DENOISER``. The notebook gets ``force=True`` when ``$INVARISCOPE_FORCE_JOBS`` names
     the job; with ``$INVARISCOPE_GPUS`` it holds one of those GPUs while it runs."""
-    from .workflow import claim_gpu
+    from invariscope.workflow import claim_gpu  # workflow imports this module
 
     name, _, denoiser = spec.partition(":")
     spatial = params.vae.latent == "spatial"
@@ -465,7 +463,8 @@ def _run_job(spec: str, profile: str, data: str | None, params: Params) -> int:
 def _report_skipped(params: Params) -> None:
     """After a Mayo import with ``on_error: skip``: how many files and patients were skipped,
     and where the report is, on the terminal (not only inside the executed notebook)."""
-    from .cohort import mayo_import_dir
+    # not a cycle: cohort imports torch, which the command line loads only here
+    from invariscope.data.cohort import mayo_import_dir
 
     report = mayo_import_dir(params.data, params.source_file) / "import_report.json"
     try:
@@ -482,7 +481,7 @@ def _device(option: str | None, params: Params) -> str:
     """The device the notebooks will use, checked before any stage starts: ``--device`` (exported
     as ``$INVARISCOPE_DEVICE`` for the kernels), else the environment variable, else ``device`` of
     the params file. ValueError for a malformed setting, RuntimeError for a missing GPU."""
-    from . import device as devices  # imports torch
+    from invariscope import device as devices  # imports torch
 
     if option is not None:
         spec = devices.check_spec(option)
@@ -506,7 +505,7 @@ def _write_timings(jobs: list[Job], profile: str) -> None:
     """``runs/<profile>/timings.csv``: wall seconds, peak memory (MB) and end time of the last
     successful run of every job of ``jobs`` (the full plan, whatever this run selected), from
     Snakemake's per-job benchmark files."""
-    from .workflow import timings_rows
+    from invariscope.workflow import timings_rows  # workflow imports this module
 
     atomic.write_text(run_dir(profile) / "timings.csv", "\n".join(timings_rows(profile, jobs)) + "\n")
 

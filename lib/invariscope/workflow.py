@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .params import Params, load_params
-from .paths import repo_root
-from .pipeline import STAGES, Job, Stage, custom_identities, plan, stamps, upstream
+from invariscope.config.params import Params, load_params
+from invariscope.config.paths import repo_root
+from invariscope.pipeline import STAGES, Job, Stage, custom_identities, plan, stamps, upstream
 
 #: Methods with a training loop (their denoiser job writes ``best.pt``).
 TRAINED = ("cnn10", "redcnn", "wganvgg", "dugan")

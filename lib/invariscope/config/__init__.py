@@ -1,0 +1,2 @@
+"""Configuration: the params files (``params/*.yaml``, validated) and the paths built from the
+repository root."""

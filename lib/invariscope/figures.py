@@ -1,0 +1,301 @@
+"""Every figure of the companion, drawn in one place: the CT windows and image grids the
+notebooks share, the data examples and the paper's Figures 3 to 7.
+
+=========  ==========================================================  ================
+figure     what it shows                                               notebook
+=========  ==========================================================  ================
+data       low dose, full dose and their difference of a test slice    00_data
+Figure 3   HD, LD and every denoiser, full slices and zoomed crops     01b_table1_figure3
+Figure 4   HD, LD and each VAE's reconstruction of LD                  02b_figure4
+Figure 5   x, y, invariances and their per-pixel SD per denoiser       04_invariances, 04b
+Figure 6   crops at quantiles of s_VAE with their invariances          06_analysis
+Figure 7   the same for s_DML                                          06_analysis
+=========  ==========================================================  ================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from torch import nn
+
+from invariscope.atomic import atomic_path
+from invariscope.data.dataset import CTDataset
+from invariscope.data.loader import Normalizer
+from invariscope.evaluation.stats import DEFAULT_QUANTILES
+from invariscope.models.denoisers import GaussRI
+from invariscope.models.vae import ConditionalVAE
+from invariscope.names import LABELS
+from invariscope.stages.analysis import METRIC_NAMES, quantile_picks
+from invariscope.stages.invariances import invariance_sd
+from invariscope.stages.vae_training import reconstruct_hu
+
+__all__ = ["LUNG_WINDOW", "SOFT_TISSUE_WINDOW", "window_limits", "image_grid", "save",
+           "data_examples", "figure3", "figure4_crops", "figure4", "figure5", "quantile_figure"]
+
+Denoise = Callable[[np.ndarray], np.ndarray]  # (n, H, W) HU -> (n, H, W) HU
+
+# (center, width) in HU
+LUNG_WINDOW = (-600.0, 1500.0)
+SOFT_TISSUE_WINDOW = (40.0, 400.0)
+
+
+def window_limits(center: float, width: float) -> tuple[float, float]:
+    """(vmin, vmax) of a CT window."""
+    return center - width / 2.0, center + width / 2.0
+
+
+def image_grid(
+    images: Sequence[Sequence[np.ndarray | None]],
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    windows: Sequence[tuple[float, float]] | tuple[float, float] = LUNG_WINDOW,
+    cmaps: Sequence[str] | str = "gray",
+    cell_inches: float = 2.0,
+    title: str | None = None,
+) -> Figure:
+    """A grid of images in HU; ``windows``/``cmaps`` per row or one for all. None = empty cell."""
+    n_rows, n_cols = len(images), max(len(r) for r in images)
+    if isinstance(windows, tuple) and len(windows) == 2 and np.isscalar(windows[0]):
+        windows = [windows] * n_rows
+    if isinstance(cmaps, str):
+        cmaps = [cmaps] * n_rows
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(cell_inches * n_cols, cell_inches * n_rows),
+                             squeeze=False)
+    for r in range(n_rows):
+        vmin, vmax = window_limits(*windows[r])
+        for c in range(n_cols):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            img = images[r][c] if c < len(images[r]) else None
+            if img is None:
+                ax.axis("off")
+                continue
+            ax.imshow(img, cmap=cmaps[r], vmin=vmin, vmax=vmax, interpolation="nearest")
+            if r == 0:
+                ax.set_title(col_labels[c], fontsize=9)
+            if c == 0:
+                ax.set_ylabel(row_labels[r], fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def save(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
+    """Save a figure (PNG), creating the folder, and return the path."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
+    return path
+
+
+def data_examples(dataset: CTDataset, patient: str, k: int, diff_range: float = 300.0) -> Figure:
+    """Low dose, full dose and low − full of slice ``k`` of ``patient`` in the lung window (top)
+    and the soft-tissue window (bottom); the difference in ±``diff_range`` HU."""
+    low = dataset.volume(patient, "low")[k].astype(np.float32)
+    full = dataset.volume(patient, "full")[k].astype(np.float32)
+    fig = image_grid([[low, full, low - full], [low, full, low - full]],
+                     row_labels=["lung window", "soft-tissue window"],
+                     col_labels=["low dose", "full dose", "low − full"],
+                     windows=[LUNG_WINDOW, SOFT_TISSUE_WINDOW], cell_inches=3.0,
+                     title=f"patient {patient}, slice {k}")
+    for ax in fig.axes[2::3]:
+        ax.images[0].set_clim(-diff_range, diff_range)
+    return fig
+
+
+def figure3(dataset: CTDataset, denoisers: Mapping[str, Denoise], examples: Sequence[dict],
+            window: tuple[float, float] = LUNG_WINDOW) -> Figure:
+    """HD, LD and every denoiser (columns) for each example: full slice row, zoomed-crop row."""
+    images, row_labels = [], []
+    for ex in examples:
+        k = ex["slice"]
+        low = np.asarray(dataset.volume(ex["patient"], "low")[k:k + 1], dtype=np.float32)
+        full = np.asarray(dataset.volume(ex["patient"], "full")[k], dtype=np.float32)
+        row = [full, low[0]] + [f(low)[0] for f in denoisers.values()]
+        t, l, s = ex["top"], ex["left"], ex["size"]
+        images.append(row)
+        images.append([im[t:t + s, l:l + s] for im in row])
+        row_labels += [f"{ex['patient']} slice {k}", "zoom"]
+    cols = ["HD", "LD"] + [LABELS.get(k, k) for k in denoisers]
+    c, w = window
+    fig = image_grid(images, row_labels, cols, windows=window, cell_inches=1.9)
+    for ex_i, ex in enumerate(examples):  # mark the zoom region on the full slices
+        for ax in fig.axes[2 * ex_i * len(cols):(2 * ex_i + 1) * len(cols)]:
+            ax.add_patch(Rectangle((ex["left"], ex["top"]), ex["size"], ex["size"],
+                                      fill=False, edgecolor="tab:red", linewidth=0.8))
+    fig.text(0.5, -0.01, f"Figure 3. High dose (HD), low dose (LD) and the denoised images for a "
+             f"random slice of every test patient, with a zoomed crop (red box). "
+             f"C = {c:.0f} HU, W = {w:.0f} HU.", ha="center", va="top", fontsize=9, wrap=True)
+    return fig
+
+
+def figure4_crops(dataset: CTDataset, examples: Sequence[Mapping[str, Any]],
+                  crop_size: int) -> list[dict[str, Any]]:
+    """For each Figure 3 example: the ``crop_size`` square centred on its zoom crop (clipped to
+    the slice), as ``{"patient", "slice", "top", "left", "size", "low", "full"}`` (HU, float32)."""
+    out = []
+    for ex in examples:
+        k = int(ex["slice"])
+        low = dataset.volume(ex["patient"], "low")
+        h, w = low.shape[-2:]
+        if crop_size > min(h, w):
+            raise ValueError(f"crop size {crop_size} exceeds the {h}x{w} slices")
+        cy, cx = ex["top"] + ex["size"] // 2, ex["left"] + ex["size"] // 2
+        top = int(np.clip(cy - crop_size // 2, 0, h - crop_size))
+        left = int(np.clip(cx - crop_size // 2, 0, w - crop_size))
+        region = (k, slice(top, top + crop_size), slice(left, left + crop_size))
+        out.append({"patient": ex["patient"], "slice": k, "top": top, "left": left, "size": crop_size,
+                    "low": np.asarray(low[region], dtype=np.float32),
+                    "full": np.asarray(dataset.volume(ex["patient"], "full")[region], dtype=np.float32)})
+    return out
+
+
+def figure4(dataset: CTDataset, examples: Sequence[Mapping[str, Any]],
+            rows: Mapping[str, tuple[ConditionalVAE, nn.Module | None]],
+            window: tuple[float, float] = LUNG_WINDOW,
+            cell_inches: float = 1.9) -> Figure:
+    """Figure 4: rows HD, LD and each VAE's reconstruction of LD (``rows``: label -> (vae,
+    denoiser or None)); columns: the Figure 3 examples, cropped to the VAEs' crop size around the
+    centre of each zoom crop. Lung window; the caption gives C/W."""
+    sizes = {m.config.crop_size for m, _ in rows.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"the VAEs of Figure 4 must share one crop size, got {sorted(sizes)}")
+    crops = figure4_crops(dataset, examples, sizes.pop())
+    norm = Normalizer.of(dataset)
+    low = np.stack([c["low"] for c in crops])
+    images = [[c["full"] for c in crops], list(low)]
+    images += [list(reconstruct_hu(vae, den, low, norm)) for vae, den in rows.values()]
+    cols = [f"{c['patient']} sl. {c['slice']}" for c in crops]
+    fig = image_grid(images, ["HD", "LD", *rows], cols, windows=window,
+                              cell_inches=cell_inches)
+    c, w = window
+    fig.text(0.5, -0.01, "Figure 4. High dose (HD), low dose (LD) and the reconstructions of LD by "
+             "the VAEs (posterior mean) for the zoomed crops of Figure 3 "
+             f"({crops[0]['size']}x{crops[0]['size']} px). C = {c:.0f} HU, W = {w:.0f} HU.",
+             ha="center", va="top", fontsize=9, wrap=True)
+    return fig
+
+
+def figure5(results_by_denoiser: Mapping[str, Mapping[str, np.ndarray]], crop_index: int,
+            n_show: int = 3, window: tuple[float, float] = LUNG_WINDOW,
+            sd_range: tuple[float, float] = (0.0, 300.0), square: int | None = 30,
+            cell_inches: float = 1.8, crop_label: int | str | None = None) -> Figure:
+    """Figure 5: per denoiser (rows) x, y, ``n_show`` invariances and the per-pixel SD over all
+    invariances (raw) of crop ``crop_index``. CT images in ``window`` (C, W), SD in ``sd_range``
+    HU; ``square``: outline the centred square of the controls on the SD panels (None: none).
+    ``crop_label``: the crop's name in the caption (default ``crop_index``; pass the test crop's
+    own index when the results were sliced first). A row whose name contains ``"prior ablation"`` holds
+    decoded z ~ N(0, I), and the caption says so."""
+    if not results_by_denoiser:
+        raise ValueError("no results given")
+    names = list(results_by_denoiser)
+    n_cols = 3 + n_show
+    fig, axes = plt.subplots(len(names), n_cols, figsize=(cell_inches * n_cols, cell_inches * len(names)),
+                             squeeze=False)
+    lo, hi = window_limits(*window)
+    for r, name in enumerate(names):
+        res = results_by_denoiser[name]
+        n = len(res["x"])
+        i = crop_index if len(res["x_tilde"]) > crop_index else None
+        if i is None:
+            raise IndexError(f"crop_index {crop_index} out of range for {name} ({n} crops)")
+        xt = np.asarray(res["x_tilde"][i], dtype=np.float32)
+        sd = invariance_sd(xt[None])[0]
+        panels = [(res["x"][i], lo, hi), (res["y"][i], lo, hi)]
+        panels += [(xt[k], lo, hi) if k < len(xt) else (None, lo, hi) for k in range(n_show)]
+        panels.append((sd, *sd_range))
+        titles = ["x (low dose)", "y (full dose)", *[f"x̃ {k + 1}" for k in range(n_show)],
+                  f"SD over {len(xt)} x̃"]
+        for c, (img, vmin, vmax) in enumerate(panels):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if img is None:
+                ax.axis("off")
+                continue
+            im = ax.imshow(img, cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
+            if r == 0:
+                ax.set_title(titles[c], fontsize=9)
+            if c == 0:
+                ax.set_ylabel(LABELS.get(name, name), fontsize=9)
+            if c == n_cols - 1 and square:
+                size = img.shape[-1]
+                rows, cols = GaussRI(square_size=square).square_slices(size, size)
+                ax.add_patch(Rectangle((cols.start - 0.5, rows.start - 0.5), cols.stop - cols.start,
+                                       rows.stop - rows.start, fill=False, ec="tab:orange", lw=0.8,
+                                       ls="--"))
+    fig.subplots_adjust(left=0.05, right=0.9, top=0.93, bottom=0.02, wspace=0.05, hspace=0.05)
+    top, bottom = axes[0, -1].get_position().y1, axes[-1, -1].get_position().y0
+    cax = fig.add_axes((0.915, bottom, 0.015, top - bottom))
+    fig.colorbar(im, cax=cax, label="SD over invariances (HU)")
+    c, w = window
+    label = crop_index if crop_label is None else crop_label
+    prior = (" (prior ablation row: x̃ = D(v, f(x)) with v ~ N(0, I), no cINN)"
+             if any("prior ablation" in n for n in names) else "")
+    fig.text(0.47, 0.0, f"Figure 5. Crop {label}: low dose x, full dose y, {n_show} invariances "
+             f"x̃ = D(t⁻¹(v | f(x)), f(x)){prior} and the per-pixel SD over invariances per denoiser. "
+             f"CT images C = {c:.0f} HU, W = {w:.0f} HU; SD {sd_range[0]:.0f}–{sd_range[1]:.0f} HU "
+             "(dashed: the centred square of the controls).",
+             ha="center", va="top", fontsize=7, wrap=True)
+    return fig
+
+
+def quantile_figure(results: Mapping[str, Mapping[str, np.ndarray]], metrics: pd.DataFrame,
+                    metric: str = "s_vae", quantiles: Sequence[float] = DEFAULT_QUANTILES,
+                    window: tuple[float, float] = LUNG_WINDOW, figure: int | None = None,
+                    cell_inches: float = 1.5) -> Figure:
+    """Figure 6 (``metric="s_vae"``) / 7 (``"s_dml"``): per denoiser (rows) the crops at the
+    ``quantiles`` of ``metric`` (left to right: increasing similarity), each as x and the
+    invariance x̃ closest to the crop's mean similarity, in ``window`` (C, W) HU.
+
+    ``results[name]``: ``x`` and ``x_tilde`` indexable by crop index (full arrays, or the dicts
+    of :func:`figure_crops`)."""
+    if metric not in ("s_vae", "s_dml"):
+        raise ValueError(f"metric must be 's_vae' or 's_dml', got {metric!r}")
+    picks = quantile_picks(metrics, metric, quantiles)
+    names = [n for n in results if n in picks]
+    if not names:
+        raise ValueError("no denoiser has both invariances and metrics")
+    rep = "rep_vae" if metric == "s_vae" else "rep_dml"
+    lo, hi = window_limits(*window)
+    n_cols = 2 * len(quantiles)
+    fig, axes = plt.subplots(len(names), n_cols, squeeze=False,
+                             figsize=(cell_inches * n_cols, cell_inches * len(names) + 0.6))
+    for r, name in enumerate(names):
+        g = metrics[metrics.denoiser == name].set_index("crop")
+        for k, (q, i) in enumerate(zip(quantiles, picks[name])):
+            j = int(g.at[i, rep])
+            for c, (img, label) in enumerate(((results[name]["x"][i], "x"),
+                                              (results[name]["x_tilde"][i][j], "x̃"))):
+                ax = axes[r, 2 * k + c]
+                ax.imshow(np.asarray(img, dtype=np.float32), cmap="gray", vmin=lo, vmax=hi,
+                          interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if r == 0:
+                    ax.set_title(f"q = {q:g}: {label}", fontsize=8)
+                if c == 1:
+                    ax.text(0.03, 0.03, f"{METRIC_NAMES[metric]} {g.at[i, metric]:.3f}",
+                            transform=ax.transAxes, fontsize=6, color="yellow", va="bottom",
+                            bbox=dict(facecolor="black", alpha=0.6, pad=1.0, linewidth=0))
+            if k == 0:
+                axes[r, 0].set_ylabel(LABELS.get(name, name), fontsize=9)
+    fig.subplots_adjust(left=0.04, right=0.99, top=0.9, bottom=0.12, wspace=0.04, hspace=0.06)
+    c, w = window
+    head = f"Figure {figure}. " if figure else ""
+    fig.text(0.5, 0.02, f"{head}Crops at the {', '.join(f'{q:g}' for q in quantiles)} quantiles of "
+             f"{METRIC_NAMES[metric]} per denoiser (left to right: increasing similarity, fewer "
+             f"content invariances): input x and the invariance x̃ closest to the crop's mean "
+             f"similarity.\nLung window C = {c:.0f} HU, W = {w:.0f} HU.",
+             ha="center", va="bottom", fontsize=7)
+    return fig
