@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -68,18 +69,20 @@ def test_elbo_terms_match_a_hand_computation():
 
 
 # ------------------------------------------------------------------------ the cINN
-def _cinn(seed: int = 0) -> ConvolutionalINN:
+def _cinn(seed: int = 0, coarse_blocks: int = 0) -> ConvolutionalINN:
     torch.manual_seed(seed)
     model = ConvolutionalINN((2, 4, 4), downsample=4, n_blocks=3, subnet_width=8, cond_width=8,
-                             cond_channels=4, dilations=(1, 2), clamp=2.0, seed=seed)
+                             cond_channels=4, dilations=(1, 2), clamp=2.0, seed=seed,
+                             coarse_blocks=coarse_blocks)
     for p in model.flow.parameters():  # away from the zero-initialized identity
         if p.requires_grad:  # not the fixed permutation matrices
             p.data.add_(0.05 * torch.randn_like(p))
     return model
 
 
-def test_cinn_inverts_and_its_log_det_is_exact(one_thread):
-    model = _cinn().double().eval()
+@pytest.mark.parametrize("coarse_blocks", [0, 2])  # one scale; two (Haar wavelets between)
+def test_cinn_inverts_and_its_log_det_is_exact(one_thread, coarse_blocks):
+    model = _cinn(coarse_blocks=coarse_blocks).double().eval()
     z = torch.randn(3, 2, 4, 4, dtype=torch.float64)
     y = torch.randn(3, 1, 16, 16, dtype=torch.float64)
     cond = model.embed(y)
@@ -95,6 +98,7 @@ def test_cinn_inverts_and_its_log_det_is_exact(one_thread):
 
 def test_cinn_sampling_is_seeded_and_shaped(one_thread):
     model = _cinn().eval()
+    assert _cinn(coarse_blocks=1).sample(torch.randn(2, 1, 16, 16), 3).shape == (2, 3, 2, 4, 4)
     y = torch.randn(2, 1, 16, 16)
     with torch.no_grad():
         a = model.sample(y, 5, generator=torch.Generator().manual_seed(3))
@@ -197,6 +201,33 @@ def test_control_measures_report_regions_and_spectra():
         meas["sd_smoothed_inside_hu"] / meas["sd_smoothed_outside_hu"])
     assert meas["hf_share"] == pytest.approx(1 - np.pi / 16, abs=0.03)   # white deviations
     assert meas["hf_share_ld_noise"] == pytest.approx(1 - np.pi / 16, abs=0.02)
+
+
+def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
+    from scipy.ndimage import gaussian_filter
+    f = gaussian_filter(rng.normal(0, 1, shape), [0] * (len(shape) - 2) + [sigma, sigma])
+    return f / f.std()  # unit SD
+
+
+def test_hf_share_x_is_the_calibrated_reference():
+    """x and its invariances drawn alike around one mean: hf_share_x matches hf_share (the mean's
+    own sampling variance is taken out). When x also deviates by a smooth field that ŷ would pin
+    down but the invariances lack, hf_share_x falls: the reference sees the real crop's spectrum."""
+    rng = np.random.default_rng(3)
+    n, m, c = 24, 4, 64
+    mean = rng.normal(0, 100, (n, 1, c, c))
+    draw = lambda k: rng.normal(0, 30, (n, k, c, c)) + 30 * _smooth_field(rng, (n, k, c, c), 3.0)
+    xt, x = mean + draw(m), (mean + draw(1))[:, 0]
+    res = {"x": x, "y": x - 1.0, "y_hat": x, "x_tilde": xt, "f_x_tilde": xt}
+    meas = inv.control_measures(res, None)
+    assert 0.3 < meas["hf_share"] < 0.6                       # white noise + blotches
+    assert meas["hf_share_x"] == pytest.approx(meas["hf_share"], abs=0.03)
+    res_lo = dict(res, x=x + 40 * _smooth_field(rng, (n, 1, c, c), 6.0)[:, 0])
+    assert inv.control_measures(res_lo, None)["hf_share_x"] < meas["hf_share"] - 0.1
+    table = pd.DataFrame([{"denoiser": "cnn10", **meas}])
+    t = inv.check_targets(table, max_hf_gap=None, max_calibration_gap=0.05)
+    calibration = t[t.target.str.contains("hf_share_x")]
+    assert len(calibration) == 1 and calibration.passed.all()
 
 
 # ------------------------------------------------------------------------ params

@@ -404,6 +404,17 @@ class SpatialCINNParams(_Section):
     cond_channels: int = Field(32, ge=1, description="channels of the condition map")
     dilations: tuple[int, ...] = Field((1, 2, 4), min_length=1,
                                        description="dilations of the condition net's 3x3 convs")
+    coarse_blocks: int = Field(0, ge=0, description="blocks at a second, coarser scale after the "
+                               "n_blocks (Haar wavelets: 2 x 2 latent cells to 4x the channels); 0: one scale")
+
+    @model_serializer(mode="wrap")
+    def _drop_single_scale(self, handler: Any) -> dict[str, Any]:
+        """Leave ``coarse_blocks`` out while it is 0, so the stamps and fingerprints of runs that
+        predate it still hold."""
+        out = handler(self)
+        if out.get("coarse_blocks") == 0:
+            del out["coarse_blocks"]
+        return out
 
 
 class CINNParams(_Section):

@@ -248,14 +248,21 @@ class ConvolutionalINN(nn.Module):
 
     def __init__(self, latent_shape: Sequence[int], downsample: int, n_blocks: int = 8,
                  subnet_width: int = 64, cond_width: int = 48, cond_channels: int = 32,
-                 dilations: Sequence[int] = (1, 2, 4), clamp: float = 2.0, seed: int = 0) -> None:
+                 dilations: Sequence[int] = (1, 2, 4), clamp: float = 2.0, seed: int = 0,
+                 coarse_blocks: int = 0) -> None:
         super().__init__()
         self.latent_shape = tuple(int(v) for v in latent_shape)
         self.latent_dim = int(np.prod(self.latent_shape))
-        _, h, w = self.latent_shape
+        c, h, w = self.latent_shape
+        if coarse_blocks < 0:
+            raise ValueError(f"coarse_blocks must be >= 0, got {coarse_blocks}")
+        if coarse_blocks and (h % 2 or w % 2):
+            raise ValueError(f"coarse_blocks need an even latent map, got {h} x {w}")
+        self.coarse_blocks = int(coarse_blocks)
         self.config = dict(latent_shape=self.latent_shape, downsample=downsample, n_blocks=n_blocks,
                            subnet_width=subnet_width, cond_width=cond_width,
-                           cond_channels=cond_channels, dilations=tuple(dilations), clamp=clamp)
+                           cond_channels=cond_channels, dilations=tuple(dilations), clamp=clamp,
+                           coarse_blocks=self.coarse_blocks)
         self.embedder = ConditionEncoder(downsample, cond_width, cond_channels, dilations)
         np_state = np.random.get_state()  # soft permutations draw from NumPy's global RNG
         try:
@@ -265,6 +272,16 @@ class ConvolutionalINN(nn.Module):
                 flow.append(Fm.AllInOneBlock, cond=0, cond_shape=(cond_channels, h, w),
                             subnet_constructor=_conv_subnet(subnet_width), affine_clamping=clamp,
                             permute_soft=True)
+            if self.coarse_blocks:
+                # a second scale: Haar wavelets turn 2 x 2 cells into 4c channels at half the
+                # resolution (orthonormal: log-det 0), so each coupling there sees twice the
+                # distance; the inverse transform restores the latent's shape for v
+                flow.append(Fm.HaarDownsampling, order_by_wavelet=True)
+                for _ in range(self.coarse_blocks):
+                    flow.append(Fm.AllInOneBlock, cond=1, cond_shape=(cond_channels, h // 2, w // 2),
+                                subnet_constructor=_conv_subnet(subnet_width), affine_clamping=clamp,
+                                permute_soft=True)
+                flow.append(Fm.HaarUpsampling, order_by_wavelet=True)
         finally:
             np.random.set_state(np_state)
         self.flow = flow
@@ -283,10 +300,14 @@ class ConvolutionalINN(nn.Module):
         """Condition map (B, cond_channels, h, w) of ŷ (B, 1, S, S)."""
         return self.embedder(y_hat)
 
+    def _conditions(self, cond: Tensor) -> list[Tensor]:
+        """The condition map per scale: itself, and its 2 x 2 means for the coarse blocks."""
+        return [cond, F.avg_pool2d(cond, 2)] if self.coarse_blocks else [cond]
+
     def forward_embedded(self, z: Tensor, cond: Tensor) -> tuple[Tensor, Tensor]:
         """``(v, log|det ∂v/∂z|)`` for latents z and a precomputed condition map."""
         self._check_z(z)
-        return self.flow(z, c=[cond], jac=True)
+        return self.flow(z, c=self._conditions(cond), jac=True)
 
     def forward(self, z: Tensor, y_hat: Tensor) -> tuple[Tensor, Tensor]:
         return self.forward_embedded(z, self.embed(y_hat))
@@ -294,7 +315,7 @@ class ConvolutionalINN(nn.Module):
     def inverse_embedded(self, v: Tensor, cond: Tensor) -> Tensor:
         """``z = t⁻¹(v | ŷ)`` for a precomputed condition map."""
         self._check_z(v)
-        z, _ = self.flow(v, c=[cond], rev=True, jac=False)
+        z, _ = self.flow(v, c=self._conditions(cond), rev=True, jac=False)
         return z
 
     def inverse(self, v: Tensor, y_hat: Tensor) -> Tensor:

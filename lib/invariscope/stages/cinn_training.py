@@ -99,7 +99,7 @@ def build_cinn(params: Params) -> ConditionalINN | ConvolutionalINN:
             return ConvolutionalINN(cfg.latent_shape, cfg.downsample, n_blocks=c.n_blocks,
                                     subnet_width=sp.subnet_width, cond_width=sp.cond_width,
                                     cond_channels=sp.cond_channels, dilations=sp.dilations,
-                                    clamp=c.clamp, seed=params.seed)
+                                    clamp=c.clamp, seed=params.seed, coarse_blocks=sp.coarse_blocks)
         return ConditionalINN(latent_dim=params.vae.latent_dim, cond_size=params.vae.crop_size,
                               cond_channels=1, cond_dim=c.cond_dim, base_channels=c.base_channels,
                               n_down=c.n_down, n_blocks=c.n_blocks, hidden=c.hidden,

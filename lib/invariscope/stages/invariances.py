@@ -68,7 +68,7 @@ __all__ = [
 CONTROL_COLUMNS = ("denoiser", "sd_ratio_smoothed", "sd_ratio_raw", "sd_ratio_smoothed_prior",
                    "input_change_hu", "output_change_hu", "output_change_hu_prior",
                    "invariance_sd_hu", "ld_noise_sd_hu", "hf_share", "hf_share_ld_noise",
-                   "sd_raw_inside_hu", "sd_raw_outside_hu", "sd_smoothed_inside_hu",
+                   "hf_share_x", "sd_raw_inside_hu", "sd_raw_outside_hu", "sd_smoothed_inside_hu",
                    "sd_smoothed_outside_hu")
 #: The keys :func:`control_measures` returns.
 MEASURES = CONTROL_COLUMNS[1:]
@@ -396,6 +396,12 @@ def control_measures(result: Mapping[str, np.ndarray], prior_result: Mapping[str
     * ``hf_share``: :func:`high_frequency_share` of x̃ minus its crop's mean invariance (what
       varies between invariances: noise-like texture or blotches);
       ``hf_share_ld_noise``: the same of low dose − full dose in the same crops;
+      ``hf_share_x``: the same of x minus its crop's mean invariance, less the mean's own
+      sampling variance (σ²/n). x is one draw from p(x | f(x)) and the mean invariance depends
+      on f(x) only, so this is the share that invariances drawn from the true p(x | f(x)) have,
+      up to the mean's error: the calibrated reference for ``hf_share`` (a band in which x
+      deviates from the mean invariance less than the invariances do is over-dispersed, and
+      vice versa);
     * ``sd_raw_inside_hu`` / ``sd_raw_outside_hu`` / ``sd_smoothed_inside_hu`` /
       ``sd_smoothed_outside_hu``: the two regions' mean per-pixel SDs behind the ratios.
 
@@ -409,7 +415,12 @@ def control_measures(result: Mapping[str, np.ndarray], prior_result: Mapping[str
     smoothed, raw_ratio = _ratio(smooth_sd, inside, outside), _ratio(raw_sd, inside, outside)
     region = lambda sd, m: float(sd[:, m].mean()) if m.any() else math.nan  # noqa: E731
     hf = sum(_hf_power(inv - inv.mean(0)) for inv in (a.astype(np.float64) for a in xt))
-    noise = np.asarray(result["x"], np.float64) - np.asarray(result["y"], np.float64)
+    x = np.asarray(result["x"], np.float64)
+    n = xt.shape[1]
+    # E|x - mean|² = E|x - E[x | ŷ]|² + E|E[x | ŷ] - m|² + σ²/n, with σ²/n = hf / (n (n - 1))
+    hf_x = sum(_hf_power(a - inv.astype(np.float64).mean(0)) for a, inv in zip(x, xt))
+    hf_x = hf_x - hf / (n * (n - 1)) if n > 1 else hf_x
+    noise = x - np.asarray(result["y"], np.float64)
     out = {
         "sd_ratio_smoothed": smoothed,
         "sd_ratio_raw": raw_ratio,
@@ -421,6 +432,7 @@ def control_measures(result: Mapping[str, np.ndarray], prior_result: Mapping[str
         "ld_noise_sd_hu": float(np.std(noise)),
         "hf_share": float(hf[0] / hf[1]) if hf[1] > 0 else math.nan,
         "hf_share_ld_noise": float(high_frequency_share(noise)),
+        "hf_share_x": float(hf_x[0] / hf_x[1]) if hf_x[1] > 0 else math.nan,
         "sd_raw_inside_hu": region(raw_sd, inside),
         "sd_raw_outside_hu": region(raw_sd, outside),
         "sd_smoothed_inside_hu": region(smooth_sd, inside),
@@ -436,7 +448,8 @@ def control_measures(result: Mapping[str, np.ndarray], prior_result: Mapping[str
 
 
 def check_targets(table: pd.DataFrame, min_ratio: float = 10.0, max_output_fraction: float = 0.5,
-                  min_sd_fraction: float = 0.5, max_hf_gap: float | None = 0.1) -> pd.DataFrame:
+                  min_sd_fraction: float = 0.5, max_hf_gap: float | None = 0.1,
+                  max_calibration_gap: float | None = None) -> pd.DataFrame:
     """Pass/fail of every control target, one row per (target, denoiser).
 
     Targets: Gauss+RI ``sd_ratio_smoothed >= min_ratio`` and above its prior ablation; for every
@@ -444,7 +457,9 @@ def check_targets(table: pd.DataFrame, min_ratio: float = 10.0, max_output_fract
     ``max_output_fraction * input_change_hu``; for every trained denoiser (not gaussri)
     ``invariance_sd_hu >= min_sd_fraction * ld_noise_sd_hu`` and (``max_hf_gap`` not None)
     ``|hf_share − hf_share_ld_noise| <= max_hf_gap`` (what varies is noise-like texture, not
-    blotches). NaN values fail.
+    blotches) and (``max_calibration_gap`` not None) ``|hf_share − hf_share_x| <=
+    max_calibration_gap`` (what varies has the spectrum by which x itself deviates from the mean
+    invariance). NaN values fail.
     """
     rows = []
 
@@ -472,4 +487,8 @@ def check_targets(table: pd.DataFrame, min_ratio: float = 10.0, max_output_fract
                 gap = abs(r["hf_share"] - r["hf_share_ld_noise"])
                 add(f"|hf_share - hf_share_ld_noise| <= {max_hf_gap:g}", d, gap, max_hf_gap,
                     gap <= max_hf_gap)
+            if max_calibration_gap is not None:
+                gap = abs(r["hf_share"] - r["hf_share_x"])
+                add(f"|hf_share - hf_share_x| <= {max_calibration_gap:g}", d, gap,
+                    max_calibration_gap, gap <= max_calibration_gap)
     return pd.DataFrame(rows, columns=["target", "denoiser", "value", "threshold", "passed"])
