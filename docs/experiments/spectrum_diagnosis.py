@@ -26,10 +26,8 @@ import argparse
 import numpy as np
 import torch
 
-from invariscope.config.params import load_params
-from invariscope.config.paths import run_dir
-from invariscope.data import cohort
 from invariscope.data.loader import Normalizer
+from invariscope.notebook import setup
 from invariscope.stages import cinn_training
 from invariscope.stages import invariances as inv
 
@@ -63,17 +61,15 @@ def main() -> None:
     ap.add_argument("--crops", type=int, default=48)
     a = ap.parse_args()
     torch.set_num_threads(1)
-    params = load_params(a.profile)
-    ds = cohort.prepare_dataset(params, progress=False)
+    nb = setup(a.profile)
+    params, ds, n_inv = nb.params, nb.dataset, 16
     norm = Normalizer.of(ds)
-    root = run_dir(params.profile)
-    n_inv = 16
     print("bands (cycles/px): <0.125 | 0.125-0.25 | >0.25, HU^2 per pixel; hf = share above 0.25")
     for name in a.denoisers:
-        res = inv.load_invariances(root / "invariances" / f"{name}.npz")
+        res = inv.load_invariances(nb.dir("invariances") / f"{name}.npz")
         x, y, yh, xt = (np.asarray(res[k], np.float64)[: a.crops] for k in ("x", "y", "y_hat", "x_tilde"))
         den, vae = cinn_training.load_models(name, params, ds)
-        cinn = cinn_training.load_cinn(name, params, ds, root / "cinn")
+        cinn = cinn_training.load_cinn(name, params, ds, nb.dir("cinn"))
         g = torch.Generator().manual_seed(0)
         with torch.no_grad():
             xn = torch.from_numpy(np.asarray(norm(x.astype(np.float32)), np.float32))[:, None]

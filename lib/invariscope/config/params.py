@@ -11,7 +11,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, ClassVar, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
@@ -38,6 +38,22 @@ class ParamsError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    #: Options left out of dumps while they hold these values: options added after runs that
+    #: predate them leave those runs' stamps and checkpoint fingerprints unchanged.
+    off_values: ClassVar[dict[str, Any]] = {}
+
+    @model_serializer(mode="wrap")
+    def _drop_off_options(self, handler: Any) -> dict[str, Any]:
+        off = self.off_values
+        return {k: v for k, v in handler(self).items() if not (k in off and v == off[k])}
+
+
+class _Scheduled(_Section):
+    """Checkpoint and validation cadence of a trained stage."""
+
+    checkpoint_every: int = Field(ge=1, description="steps between last.pt checkpoints")
+    validate_every: int = Field(ge=1, description="steps between validations (their score picks "
+                                "best.pt)")
 
 
 class SplitParams(_Section):
@@ -178,7 +194,7 @@ class CustomDenoiserParams(_Section):
         "-542.55 HU, std 502.19 HU), 'hu' = HU to HU")
 
 
-class DenoisersParams(_Section):
+class DenoisersParams(_Scheduled):
     """The denoisers a profile trains/uses, and their training settings."""
 
     methods: list[str] = Field(
@@ -188,8 +204,6 @@ class DenoisersParams(_Section):
     custom: dict[str, CustomDenoiserParams] = Field(
         default_factory=dict, description="your own trained denoisers by name (lowercase letters, "
         "digits, _), analyzed like the built-in ones without training")
-    checkpoint_every: int = Field(ge=1, description="steps between last.pt checkpoints")
-    validate_every: int = Field(ge=1, description="steps between validations (best.pt by select_by)")
     val_slices: int = Field(ge=1, description="full validation slices in the metric that picks best.pt")
     select_by: Literal["ssim", "psnr"] = Field(
         "ssim", description="validation metric that picks best.pt (lung window, as Table 1): ssim "
@@ -278,7 +292,7 @@ class SpatialVAEParams(_Section):
         return int(self.pool_crops_by_denoiser.get(name, self.pool_crops))
 
 
-class VAEParams(_Section):
+class VAEParams(_Scheduled):
     """(Conditional) VAE on [x, ŷ] and its WGAN-GP critic: architecture, losses, optimisation.
 
     The same section configures every cVAE (one per denoiser) and the unconditional VAE (the same
@@ -338,21 +352,11 @@ class VAEParams(_Section):
         0.0, ge=0, description="weight of a mode-seeking term (Mao et al. 2019) on the cVAE decoder: "
         "a prior draw z' ~ N(0, I) is decoded with the same ŷ, the loss adds weight x mean(|μ - z'|₁ "
         "/ |D(z, ŷ) - D(z', ŷ)|₁) and the adversarial term of D(z', ŷ). 0 = off, as the paper")
-    checkpoint_every: int = Field(ge=1, description="steps between last.pt checkpoints")
-    validate_every: int = Field(ge=1, description="steps between validations (best.pt by L1 in HU)")
     n_val_crops: int = Field(ge=1, description="fixed validation crops (reconstruction MAE in HU)")
     n_test_crops: int = Field(ge=2, description="fixed test crops of the reconstruction report")
 
-    @model_serializer(mode="wrap")
-    def _drop_off_options(self, handler: Any) -> dict[str, Any]:
-        """Leave ``decoder_init`` and ``mode_seeking`` out while they are off (the paper's
-        values), so the stamps and checkpoint fingerprints of runs that predate them still hold."""
-        out = handler(self)
-        for key, off in (("decoder_init", "default"), ("mode_seeking", 0.0), ("latent", "global"),
-                         ("spatial", None)):
-            if key in out and out[key] == off:
-                del out[key]
-        return out
+    off_values: ClassVar[dict[str, Any]] = {"decoder_init": "default", "mode_seeking": 0.0,
+                                            "latent": "global", "spatial": None}
 
     @model_validator(mode="after")
     def _check_architecture(self) -> "VAEParams":
@@ -407,17 +411,10 @@ class SpatialCINNParams(_Section):
     coarse_blocks: int = Field(0, ge=0, description="blocks at a second, coarser scale after the "
                                "n_blocks (Haar wavelets: 2 x 2 latent cells to 4x the channels); 0: one scale")
 
-    @model_serializer(mode="wrap")
-    def _drop_single_scale(self, handler: Any) -> dict[str, Any]:
-        """Leave ``coarse_blocks`` out while it is 0, so the stamps and fingerprints of runs that
-        predate it still hold."""
-        out = handler(self)
-        if out.get("coarse_blocks") == 0:
-            del out["coarse_blocks"]
-        return out
+    off_values: ClassVar[dict[str, Any]] = {"coarse_blocks": 0}
 
 
-class CINNParams(_Section):
+class CINNParams(_Scheduled):
     """cINN t(z | ŷ) on the cVAE latents (paper Sec. 2.3.2, Supp. A.3; :mod:`invariscope.models.cinn`).
 
     Latent size and condition size come from the ``vae`` section (``latent_dim``, ``crop_size``).
@@ -452,25 +449,14 @@ class CINNParams(_Section):
         None, gt=0, description="clip the gradient norm to this value (null = no clipping, as "
         "the paper)")
     batch_size: int = Field(ge=2, description="latents per step (paper 128)")
+    iterations: int = Field(ge=1, description="optimizer steps (paper about 47,000)")
     pool_crops: int = Field(
         0, ge=0, description="0 = fresh random training crops every step (the paper); N > 0 = draw "
         "each batch from N fixed training crops whose ŷ = f(x) and q(z | x, ŷ) are computed once "
         "(z resampled every step): a CPU saving, f(x) of RED-CNN/DU-GAN costs more than the step")
-    iterations: int = Field(ge=1, description="optimizer steps (paper about 47,000)")
-    checkpoint_every: int = Field(ge=1, description="steps between last.pt checkpoints")
-    validate_every: int = Field(ge=1, description="steps between validations (best.pt by val NLL)")
     n_val_crops: int = Field(ge=2, description="fixed validation crops of the NLL that picks best.pt")
 
-    @model_serializer(mode="wrap")
-    def _drop_unset_spatial(self, handler: Any) -> dict[str, Any]:
-        """Leave ``spatial`` out while it is unset and ``lr_final`` while it is 1, so global-latent
-        stamps and fingerprints of runs that predate them still hold."""
-        out = handler(self)
-        if out.get("spatial", 0) is None:
-            del out["spatial"]
-        if out.get("lr_final") == 1.0:  # constant, as before the option existed
-            del out["lr_final"]
-        return out
+    off_values: ClassVar[dict[str, Any]] = {"spatial": None, "lr_final": 1.0}
 
 
 class InvariancesParams(_Section):
@@ -493,7 +479,7 @@ class InvariancesParams(_Section):
         return self
 
 
-class EmbeddingParams(_Section):
+class EmbeddingParams(_Scheduled):
     """Learned embedding φ for s_DML (paper Sec. 2.4.2, Eq. 8): triplet loss, semi-hard mining.
 
     Anchors are low-dose training crops x, positives invariances x̃ of the same crop, negatives
@@ -524,9 +510,6 @@ class EmbeddingParams(_Section):
                                       "most n_invariances x the number of denoisers)")
     lr: float = Field(gt=0, description="Adam learning rate")
     iterations: int = Field(ge=1, description="optimizer steps")
-    checkpoint_every: int = Field(ge=1, description="steps between last.pt checkpoints")
-    validate_every: int = Field(ge=1, description="steps between validations (best.pt by "
-                                "MAP@R retrieval of the inputs' own invariances)")
     n_val_crops: int = Field(ge=2, description="fixed validation-split crops of the retrieval "
                              "score (chance level about 1 / n_val_crops)")
     seed: int = Field(0, description="seed of the crops and of v (training and validation sets)")

@@ -51,7 +51,7 @@ from invariscope.models.cinn import ConditionalINN
 from invariscope.models.spatial import ConvolutionalINN
 from invariscope.names import cinn_name
 from invariscope.provenance import cinn_fingerprint, stage_dir
-from invariscope.stages.training import (BatchStream, clear_checkpoints, cosine_lr, load_best, pool_batches,
+from invariscope.stages.training import (BatchStream, checkpoint_dir, cosine_lr, load_best, pool_batches,
                                          train)
 from invariscope.stages.vae_training import get_denoiser, load_vae, training_pool
 
@@ -219,9 +219,7 @@ def train_cinn(denoiser: str, params: Params, dataset: CTDataset, out_dir: str |
     """
     name = cinn_name(denoiser, params)
     cfg = params.cinn
-    ckpt_dir = Path(out_dir) / name
-    if force:
-        clear_checkpoints(ckpt_dir, "latent_pool.pt")
+    ckpt_dir = checkpoint_dir(out_dir, name, force, ("latent_pool.pt",))
     t0 = time.time()
     fp = cinn_fingerprint(name, params, dataset, vae_dir, denoiser_dir)  # names a missing cVAE
     den, vae = load_models(name, params, dataset, vae_dir, denoiser_dir)

@@ -59,7 +59,7 @@ from invariscope.models.denoisers import (DUGANDiscriminator, GaussRI, WGANVGGCr
                                           sobel_gradients)
 from invariscope.names import TRAINED_METHODS, check_name
 from invariscope.provenance import denoiser_fingerprint
-from invariscope.stages.training import BatchStream, clear_checkpoints, cosine_lr, load_best, train
+from invariscope.stages.training import BatchStream, checkpoint_dir, cosine_lr, load_best, train
 
 __all__ = [
     "TrainedDenoiser",
@@ -378,9 +378,7 @@ def train_denoiser(name: str, params: Params, dataset: CTDataset, out_dir: str |
                                0, 0.0, None)
     den = params.denoisers
     cfg = getattr(den, name)
-    ckpt_dir = Path(out_dir) / name
-    if force:
-        clear_checkpoints(ckpt_dir)
+    ckpt_dir = checkpoint_dir(out_dir, name, force)
     t0 = time.time()
     dev = devices.of(params)
     setup = _setup(name, params, dataset, dev)

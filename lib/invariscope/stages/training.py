@@ -246,6 +246,16 @@ def clear_checkpoints(ckpt_dir: str | Path, *extra: str) -> None:
         (Path(ckpt_dir) / f).unlink(missing_ok=True)
 
 
+def checkpoint_dir(out_dir: str | Path, name: str, force: bool = False,
+                   extra: tuple[str, ...] = ()) -> Path:
+    """``out_dir/name``, a stage's checkpoint folder; ``force=True`` clears it first
+    (:func:`clear_checkpoints`, with the ``extra`` cache files)."""
+    path = Path(out_dir) / name
+    if force:
+        clear_checkpoints(path, *extra)
+    return path
+
+
 def load_best(ckpt_dir: str | Path, modules: Mapping[str, nn.Module], fingerprint: str | None) -> int:
     """Load ``best.pt`` (falling back to ``last.pt``) into ``modules``; returns its step."""
     path = best_checkpoint(ckpt_dir)

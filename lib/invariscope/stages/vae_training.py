@@ -55,7 +55,7 @@ from invariscope.models.vae import (ConditionalVAE, Critic, VAELossWeights, acti
 from invariscope.names import UNCONDITIONAL, UNCONDITIONAL_SPATIAL, is_unconditional, vae_name
 from invariscope.provenance import pool_key, stage_dir, vae_fingerprint
 from invariscope.stages.denoiser_training import load_denoiser
-from invariscope.stages.training import (BatchStream, clear_checkpoints, cosine_lr, load_best, pool_batches,
+from invariscope.stages.training import (BatchStream, checkpoint_dir, cosine_lr, load_best, pool_batches,
                                          train)
 
 __all__ = [
@@ -364,9 +364,7 @@ def train_vae(denoiser: str | None, params: Params, dataset: CTDataset, out_dir:
     """
     name = vae_name(denoiser, params)
     cfg = params.vae
-    ckpt_dir = Path(out_dir) / name
-    if force:
-        clear_checkpoints(ckpt_dir)
+    ckpt_dir = checkpoint_dir(out_dir, name, force)
     t0 = time.time()
     dev = devices.of(params)
     den = get_denoiser(name, params, dataset, denoiser_dir)
