@@ -253,7 +253,7 @@ class ConvolutionalINN(nn.Module):
         super().__init__()
         self.latent_shape = tuple(int(v) for v in latent_shape)
         self.latent_dim = int(np.prod(self.latent_shape))
-        c, h, w = self.latent_shape
+        _, h, w = self.latent_shape
         if coarse_blocks < 0:
             raise ValueError(f"coarse_blocks must be >= 0, got {coarse_blocks}")
         if coarse_blocks and (h % 2 or w % 2):
@@ -268,19 +268,21 @@ class ConvolutionalINN(nn.Module):
         try:
             np.random.seed(seed)
             flow = Ff.SequenceINN(*self.latent_shape)
-            for _ in range(n_blocks):
-                flow.append(Fm.AllInOneBlock, cond=0, cond_shape=(cond_channels, h, w),
-                            subnet_constructor=_conv_subnet(subnet_width), affine_clamping=clamp,
-                            permute_soft=True)
+
+            def blocks(count: int, scale: int) -> None:  # condition ``scale`` at 1 / 2**scale
+                for _ in range(count):
+                    flow.append(Fm.AllInOneBlock, cond=scale,
+                                cond_shape=(cond_channels, h >> scale, w >> scale),
+                                subnet_constructor=_conv_subnet(subnet_width), affine_clamping=clamp,
+                                permute_soft=True)
+
+            blocks(n_blocks, 0)
             if self.coarse_blocks:
                 # a second scale: Haar wavelets turn 2 x 2 cells into 4c channels at half the
                 # resolution (orthonormal: log-det 0), so each coupling there sees twice the
                 # distance; the inverse transform restores the latent's shape for v
                 flow.append(Fm.HaarDownsampling, order_by_wavelet=True)
-                for _ in range(self.coarse_blocks):
-                    flow.append(Fm.AllInOneBlock, cond=1, cond_shape=(cond_channels, h // 2, w // 2),
-                                subnet_constructor=_conv_subnet(subnet_width), affine_clamping=clamp,
-                                permute_soft=True)
+                blocks(self.coarse_blocks, 1)
                 flow.append(Fm.HaarUpsampling, order_by_wavelet=True)
         finally:
             np.random.set_state(np_state)

@@ -414,11 +414,15 @@ def control_measures(result: Mapping[str, np.ndarray], prior_result: Mapping[str
     raw_sd, smooth_sd = invariance_sd(xt), invariance_sd(xt, sigma)
     smoothed, raw_ratio = _ratio(smooth_sd, inside, outside), _ratio(raw_sd, inside, outside)
     region = lambda sd, m: float(sd[:, m].mean()) if m.any() else math.nan  # noqa: E731
-    hf = sum(_hf_power(inv - inv.mean(0)) for inv in (a.astype(np.float64) for a in xt))
     x = np.asarray(result["x"], np.float64)
+    hf, hf_x = np.zeros(2), np.zeros(2)
+    for a, inv in zip(x, xt):  # per crop: its invariances' and x's deviations from their mean
+        inv = inv.astype(np.float64)
+        mean = inv.mean(0)
+        hf += _hf_power(inv - mean)
+        hf_x += _hf_power(a - mean)
     n = xt.shape[1]
     # E|x - mean|² = E|x - E[x | ŷ]|² + E|E[x | ŷ] - m|² + σ²/n, with σ²/n = hf / (n (n - 1))
-    hf_x = sum(_hf_power(a - inv.astype(np.float64).mean(0)) for a, inv in zip(x, xt))
     hf_x = hf_x - hf / (n * (n - 1)) if n > 1 else hf_x
     noise = x - np.asarray(result["y"], np.float64)
     out = {
