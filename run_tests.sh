@@ -13,4 +13,6 @@ python -m pytest tests "$@"
 python -m invariscope.pipeline --profile smoke
 # the same run with one job at a time in a scratch copy: the same tables (tests/test_parallel_smoke.py)
 INVARISCOPE_COMPARE_SMOKE=1 python -m pytest -q -p no:cacheprovider tests/test_parallel_smoke.py
+# the GPU check's code paths on the CPU (smoke comparison, paper-size steps, two gloo processes)
+PYTHON=python bash benchmarks/gpu_check.sh --dry-run
 python -m pytest --nbval-lax --nbval-current-env -p no:cacheprovider notebooks

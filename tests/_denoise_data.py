@@ -30,3 +30,21 @@ def smooth_noisy_dataset(root, slices=(3, 3, 3, 3, 3, 2), size=64, noise_hu=120.
         low = full + rng.normal(0.0, noise_hu, full.shape)
         w.add_patient(f"P{i}", split, low, full, pixel_spacing_mm=1.5)
     return w.finalize()
+
+
+def small_denoisers(iterations: int, batch_size: int) -> dict:
+    """Params overrides that make the four trained denoisers tiny (32² crops, DU-GAN 24² with
+    small discriminators and CutMix always on), checkpointed and validated every step."""
+    def cfg(**kw):
+        return {"iterations": iterations, "batch_size": batch_size, "patch_size": 32, **kw}
+
+    return {
+        "denoisers.checkpoint_every": 1, "denoisers.validate_every": 1, "denoisers.val_slices": 1,
+        "denoisers.vgg_weights": None,
+        "denoisers.cnn10": cfg(lr=1e-3),
+        "denoisers.redcnn": cfg(lr=1e-4),
+        "denoisers.wganvgg": cfg(lr=1e-4, lambda_perceptual=0.1, critic_steps=1),
+        "denoisers.dugan": cfg(patch_size=24, lr=1e-4, lambda_adv=0.1, lambda_px_grad=20.0,
+                               lambda_cutmix=2.65, cutmix_prob=1.0, cutmix_warmup=1,
+                               disc_channels=8, disc_depth=3),
+    }

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 from pathlib import Path
 
 import nbformat
@@ -523,3 +524,48 @@ def test_experiment_dry_run(capfd):
     path = repo_root() / "params" / "experiments" / "global_adv0.yaml"
     assert pipeline.run(["--profile", str(path), "--denoisers", "gaussri,cnn10", "--dry-run"]) == 0
     assert "runs/global_adv0/notebooks/02_vae_gaussri.ipynb" in capfd.readouterr().out
+
+
+def test_gpus_per_job_claims_several_devices_and_sizes_the_training_rules(tmp_path, fake_root):
+    """--gpus 0,1,2,3 --gpus-per-job 2: training rules ask for two GPUs, the others for one; a job
+    holds two distinct devices; more per job than listed is refused."""
+    from invariscope.workflow import claim_gpu
+
+    params = pipeline.load_params("smoke")
+    args = pipeline.argparse.Namespace(profile="smoke", data=None, jobs=2, threads=1, executor="local",
+                                       only=None, start=None, force=False, denoisers=None,
+                                       dry_run=True, gpus_per_job=2)
+    cmd, env = pipeline.snakemake_command(params, args, pipeline.plan("smoke", None, None, None,
+                                                                     ["gaussri"]), ["0", "1", "2", "3"])
+    assert env[pipeline.PROCESSES_ENV] == "2"
+    assert {"denoiser:gpu=2", "vae:gpu=2", "cinn:gpu=2", "embedding:gpu=2", "table1:gpu=1",
+            "invariances:gpu=1", "denoiser_untrained:gpu=1"} <= set(cmd)
+    with claim_gpu(["0", "1", "2"], tmp_path, count=2) as pair:
+        assert len(set(pair.split(","))) == 2
+        with claim_gpu(["0", "1", "2"], tmp_path, count=1) as rest:
+            assert rest not in pair.split(",")
+    with pytest.raises(ValueError, match="asks for 3 GPU"):
+        with claim_gpu(["0", "1"], tmp_path, count=3):
+            pass
+    assert pipeline.run(["--profile", "smoke", "--gpus", "0", "--gpus-per-job", "2", "--dry-run"]) == 2
+
+
+def test_run_job_trains_through_torchrun_then_runs_the_notebook(fake_root, monkeypatch):
+    """With $INVARISCOPE_GPUS_PER_JOB the training jobs first run torchrun (invariscope.trainer,
+    --force passed on) and then their notebook without force; other jobs only their notebook."""
+    ran, executed = [], []
+    monkeypatch.setattr(pipeline.subprocess, "run",
+                        lambda cmd, check=False: ran.append(cmd) or SimpleNamespace(returncode=0))
+    monkeypatch.setattr(pipeline, "_execute", lambda job, out, force=False: executed.append((job.label, force)))
+    monkeypatch.setenv(pipeline.PROCESSES_ENV, "2")
+    monkeypatch.setenv("INVARISCOPE_FORCE_JOBS", "cinn[gaussri]")
+    monkeypatch.delenv("INVARISCOPE_GPUS", raising=False)
+    params = pipeline.load_params("smoke")
+    assert pipeline._run_job("cinn:gaussri", "smoke", None, params) == 0
+    assert pipeline._run_job("figure5", "smoke", None, params) == 0
+    assert pipeline._run_job("denoiser:gaussri", "smoke", None, params) == 0
+    assert len(ran) == 1
+    cmd = ran[0]
+    assert cmd[1:4] == ["-m", "torch.distributed.run", "--standalone"] and "--nproc-per-node=2" in cmd
+    assert cmd[cmd.index("invariscope.trainer") + 1:] == ["cinn:gaussri", "--profile", "smoke", "--force"]
+    assert executed == [("cinn[gaussri]", False), ("figure5", False), ("denoiser[gaussri]", False)]

@@ -9,6 +9,11 @@ arrays, move each batch to their network's device and return CPU results. Random
 must not depend on the device (the v of every invariance, validation noise) are made on the
 CPU and moved. The device is not part of any stamp or checkpoint fingerprint: a run started on
 the CPU resumes on a GPU and vice versa (results then differ in the last digits).
+
+On CUDA, cuDNN picks the fastest convolution algorithms for each shape (``cudnn.benchmark``),
+which makes GPU results vary in the last digits from run to run. ``INVARISCOPE_DETERMINISTIC=1``
+asks for deterministic algorithms instead (``torch.use_deterministic_algorithms``; slower, see
+``benchmarks/gpu/``); CPU runs are deterministic either way.
 """
 
 from __future__ import annotations
@@ -22,10 +27,23 @@ from torch import nn
 
 from invariscope.config.params import check_device as check_spec
 
-__all__ = ["ENV", "check_spec", "resolve", "of", "module_device", "to_device"]
+__all__ = ["ENV", "DETERMINISTIC_ENV", "check_spec", "configure_cuda", "resolve", "of",
+           "module_device", "to_device"]
 
 #: Environment variable that overrides the params files' ``device``.
 ENV = "INVARISCOPE_DEVICE"
+#: Environment variable that asks for deterministic CUDA algorithms (``1``).
+DETERMINISTIC_ENV = "INVARISCOPE_DETERMINISTIC"
+
+
+def configure_cuda() -> None:
+    """cuDNN autotuning on, or deterministic algorithms with ``$INVARISCOPE_DETERMINISTIC=1``."""
+    if os.environ.get(DETERMINISTIC_ENV, "").strip() == "1":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True)
+    else:
+        torch.backends.cudnn.benchmark = True
 
 
 def resolve(spec: str = "auto", where: str = "device") -> torch.device:
@@ -36,7 +54,10 @@ def resolve(spec: str = "auto", where: str = "device") -> torch.device:
     """
     value = check_spec(spec)
     if value == "auto":
-        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        configure_cuda()
+        return torch.device("cuda", 0)
     if value == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
@@ -49,6 +70,7 @@ def resolve(spec: str = "auto", where: str = "device") -> torch.device:
     if index >= torch.cuda.device_count():
         raise RuntimeError(f"{where} = {spec!r}: torch sees {torch.cuda.device_count()} CUDA "
                            f"device(s), indices 0..{torch.cuda.device_count() - 1}")
+    configure_cuda()
     return torch.device("cuda", index)
 
 

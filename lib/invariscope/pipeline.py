@@ -49,18 +49,22 @@ class Stage:
 
 #: ``sections``: the params sections a stage reads itself; what its upstream stages read reaches
 #: its stamp through their stamps. A per-denoiser job sees only its own method's sub-section of
-#: ``denoisers`` (retuning RED-CNN does not retrain CNN-10).
+#: ``denoisers`` (retuning RED-CNN does not retrain CNN-10). ``precision`` is in a dump (and so
+#: in a stamp) only when it is not fp32.
 STAGES: tuple[Stage, ...] = (
     Stage("data", "00_data.ipynb", ("data",)),
-    Stage("denoiser", "01_denoiser.ipynb", ("seed", "loader", "denoisers"), per_denoiser=True),
+    Stage("denoiser", "01_denoiser.ipynb", ("seed", "precision", "loader", "denoisers"),
+          per_denoiser=True),
     Stage("table1", "01b_table1_figure3.ipynb", ("seed", "loader", "denoisers")),
-    Stage("vae", "02_vae.ipynb", ("seed", "loader", "vae"), per_denoiser=True,
+    Stage("vae", "02_vae.ipynb", ("seed", "precision", "loader", "vae"), per_denoiser=True,
           extra_runs=("unconditional",), spatial_extra_runs=("unconditional_spatial",)),
     Stage("figure4", "02b_figure4.ipynb", ("seed", "vae")),
-    Stage("cinn", "03_cinn.ipynb", ("seed", "vae", "cinn"), per_denoiser=True),
-    Stage("invariances", "04_invariances.ipynb", ("vae", "invariances"), per_denoiser=True),
+    Stage("cinn", "03_cinn.ipynb", ("seed", "precision", "vae", "cinn"),
+          per_denoiser=True),
+    Stage("invariances", "04_invariances.ipynb", ("precision", "vae", "invariances"),
+          per_denoiser=True),
     Stage("figure5", "04b_figure5_controls.ipynb", ("invariances",)),
-    Stage("embedding", "05_embedding.ipynb", ("seed", "vae", "embedding")),
+    Stage("embedding", "05_embedding.ipynb", ("seed", "precision", "vae", "embedding")),
     Stage("analysis", "06_analysis.ipynb", ("vae", "invariances", "embedding", "analysis")),
 )
 
@@ -252,6 +256,10 @@ def run(argv: list[str] | None = None) -> int:
                     help="CPU threads per job (default 1, so results do not depend on --jobs)")
     ap.add_argument("--gpus", metavar="LIST", help="comma-separated GPU indices, e.g. 0,1,2,3: "
                     "one GPU job per device at once (CUDA_VISIBLE_DEVICES); implies --device cuda")
+    ap.add_argument("--gpus-per-job", type=int, default=1, metavar="N",
+                    help="train each denoiser, VAE, cINN and the embedding on N processes through "
+                    "torchrun (data-parallel, the params file's batch split across them): N GPUs "
+                    "of --gpus each, or N gloo processes on a CPU (default 1)")
     ap.add_argument("--executor", choices=("local", "slurm"), default="local",
                     help="slurm: submit every job to Slurm with the resources of params cluster")
     ap.add_argument("--dry-run", action="store_true", help="list what would run, run nothing")
@@ -278,7 +286,8 @@ def run(argv: list[str] | None = None) -> int:
     if args.data and not Path(args.data).expanduser().is_dir():
         print(f"error: --data {args.data}: no such folder", file=sys.stderr)
         return 2
-    for flag, value in (("--jobs", args.jobs), ("--threads", args.threads)):
+    for flag, value in (("--jobs", args.jobs), ("--threads", args.threads),
+                        ("--gpus-per-job", args.gpus_per_job)):
         if value is not None and value < 1:
             print(f"error: {flag} {value}: give 1 or more", file=sys.stderr)
             return 2
@@ -288,6 +297,10 @@ def run(argv: list[str] | None = None) -> int:
         return 2
     if gpus and args.device is None:
         args.device = "cuda"
+    if gpus and args.gpus_per_job > len(gpus):
+        print(f"error: --gpus-per-job {args.gpus_per_job} needs at least that many GPUs in --gpus "
+              f"(got {','.join(gpus)})", file=sys.stderr)
+        return 2
     try:
         # on a cluster the login node need not see the GPUs the jobs will get
         where = _device(args.device, params) if args.executor == "local" \
@@ -365,6 +378,10 @@ def run(argv: list[str] | None = None) -> int:
 
 #: Rules of each stage in workflow/Snakefile (the denoiser stage has one for untrained methods).
 RULES = {s.name: (s.name,) for s in STAGES} | {"denoiser": ("denoiser", "denoiser_untrained")}
+#: Rules that train (``--gpus-per-job``: their jobs run data-parallel on several processes).
+TRAINING_RULES = ("denoiser", "vae", "cinn", "embedding")
+#: Environment variable of ``--gpus-per-job`` (processes per training job).
+PROCESSES_ENV = "INVARISCOPE_GPUS_PER_JOB"
 
 
 def snakemake_command(params: Params, args: argparse.Namespace, jobs: list[Job],
@@ -390,10 +407,11 @@ def snakemake_command(params: Params, args: argparse.Namespace, jobs: list[Job],
                 "--retries", str(params.cluster.retries), "--keep-going"]
     else:
         cmd += ["--cores", str(threads * args.jobs), "--jobs", str(args.jobs)]
-        if gpus:  # every job holds one GPU: at most one job per device at once
+        if gpus:  # every job holds its GPUs: at most one job per device at once
+            per_job = max(1, getattr(args, "gpus_per_job", 1))
             rules = [r for rs in RULES.values() for r in rs]
             cmd += ["--resources", f"gpu={len(gpus)}", "--set-resources",
-                    *[f"{r}:gpu=1" for r in rules]]
+                    *[f"{r}:gpu={per_job if r in TRAINING_RULES else 1}" for r in rules]]
     if args.only or args.start:
         names = [s.name for s in STAGES]
         chosen = [args.only] if args.only else names[names.index(args.start):]
@@ -407,6 +425,10 @@ def snakemake_command(params: Params, args: argparse.Namespace, jobs: list[Job],
         env.pop("INVARISCOPE_FORCE_JOBS", None)
     if gpus:
         env["INVARISCOPE_GPUS"] = ",".join(gpus)
+    if getattr(args, "gpus_per_job", 1) > 1:
+        env[PROCESSES_ENV] = str(args.gpus_per_job)
+    else:
+        env.pop(PROCESSES_ENV, None)
     cmd += ["--dry-run"] if args.dry_run else ["--quiet", "rules"]
     return cmd + ["--", *targets] if targets else cmd, env
 
@@ -449,15 +471,44 @@ def _run_job(spec: str, profile: str, data: str | None, params: Params) -> int:
     forced = job.label in os.environ.get("INVARISCOPE_FORCE_JOBS", "").split(",")
     out_dir = ensure(run_dir(params.profile) / "notebooks")
     gpus = [g for g in os.environ.get("INVARISCOPE_GPUS", "").split(",") if g]
+    procs = int(os.environ.get(PROCESSES_ENV, "1") or 1)
+    parallel = procs > 1 and trains(job)
     if not gpus:
-        _execute(job, out_dir / job.output_name, force=forced)
+        if parallel:
+            _train_parallel(spec, profile, data, procs, forced)
+        _execute(job, out_dir / job.output_name, force=forced and not parallel)
         return 0
-    with claim_gpu(gpus, run_dir(params.profile) / ".gpu-locks") as gpu:
+    with claim_gpu(gpus, run_dir(params.profile) / ".gpu-locks", count=procs if parallel else 1) as gpu:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
         os.environ["INVARISCOPE_DEVICE"] = "cuda"
         print(f"[{params.profile}] {job.label} on GPU {gpu}", flush=True)
-        _execute(job, out_dir / job.output_name, force=forced)
+        if parallel:
+            _train_parallel(spec, profile, data, procs, forced)
+        _execute(job, out_dir / job.output_name, force=forced and not parallel)
     return 0
+
+
+def trains(job: Job) -> bool:
+    """Whether a job has a training loop (a trained denoiser, a VAE, a cINN, the embedding)."""
+    from invariscope.workflow import TRAINED  # workflow imports this module
+
+    if job.stage.name == "denoiser":
+        return job.denoiser in TRAINED
+    return job.stage.name in TRAINING_RULES
+
+
+def _train_parallel(spec: str, profile: str, data: str | None, procs: int, force: bool) -> None:
+    """Train a job's stage on ``procs`` processes through torchrun (:mod:`invariscope.trainer`);
+    its notebook, run next in one process, then finds the finished checkpoints."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}",
+           "-m", "invariscope.trainer", spec, "--profile", profile]
+    cmd += ["--data", data] if data else []
+    cmd += ["--force"] if force else []
+    print(f"[torchrun] {' '.join(cmd[2:])}", flush=True)
+    rc = subprocess.run(cmd, check=False).returncode
+    if rc:
+        raise SystemExit(f"stage {spec} failed in data-parallel training (torchrun exit {rc}); "
+                         "rerun to resume from its last checkpoint")
 
 
 def _report_skipped(params: Params) -> None:

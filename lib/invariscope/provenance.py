@@ -255,14 +255,17 @@ def cinn_identity(denoiser: str, params: Params, dataset: CTDataset,
 # Invariances, embedding, analysis
 # --------------------------------------------------------------------------------------
 def invariance_key(crops: Sequence[CropSpec], n_invariances: int, seed: int, prior: bool,
-                   split: str = "test", models: str = "", outputs: bool = True) -> str:
+                   split: str = "test", models: str = "", outputs: bool = True,
+                   precision: str = "fp32") -> str:
     """Cache key of a set of invariances (crops, counts, seed, ablation flag, model identity,
-    whether f(x̃) was computed)."""
+    whether f(x̃) was computed, the generation's precision)."""
     payload = {"crops": [list(map(int, s)) for s in crops], "n": int(n_invariances),
                "seed": int(seed), "prior": bool(prior), "split": split, "models": models,
                "format": INVARIANCE_FORMAT}
     if not outputs:  # keys of sets with f(x̃) stay as they were
         payload["outputs"] = False
+    if precision != "fp32":  # and those sampled in float32
+        payload["precision"] = precision
     return digest(payload, length=16)
 
 
@@ -288,7 +291,8 @@ def embedding_set_keys(params: Params, dataset: CTDataset, split: str,
     out = {}
     for name in params.denoisers.methods:
         models = cinn_identity(name, params, dataset, cinn_dir, vae_dir, denoiser_dir)
-        key = invariance_key(crops, cfg.n_invariances, cfg.seed, False, split, models, outputs=False)
+        key = invariance_key(crops, cfg.n_invariances, cfg.seed, False, split, models, outputs=False,
+                             precision=params.precision)
         out[name] = (key, models, crops)
     return out
 

@@ -159,11 +159,15 @@ def timings_rows(profile: str, jobs: list[Job]) -> list[str]:
 
 
 @contextmanager
-def claim_gpu(gpus: list[str], lock_dir: Path, wait_s: float = 0.5) -> Iterator[str]:
-    """Hold one GPU of ``gpus`` for the lifetime of a job: an exclusive lock file per device
-    (Snakemake's ``gpu`` resource caps how many GPU jobs run at once; this picks which device)."""
+def claim_gpu(gpus: list[str], lock_dir: Path, wait_s: float = 0.5, count: int = 1) -> Iterator[str]:
+    """Hold ``count`` GPUs of ``gpus`` for the lifetime of a job (yields them comma-separated, as
+    ``CUDA_VISIBLE_DEVICES`` wants them): an exclusive lock file per device (Snakemake's ``gpu``
+    resource caps how many GPUs jobs hold at once; this picks which devices)."""
+    if not 1 <= count <= len(gpus):
+        raise ValueError(f"a job asks for {count} GPU(s) of {len(gpus)} ({','.join(gpus)})")
     lock_dir.mkdir(parents=True, exist_ok=True)
     while True:
+        held: list[tuple[str, Any]] = []
         for gpu in gpus:
             fh = open(lock_dir / f"gpu{gpu}.lock", "w")
             try:
@@ -171,11 +175,18 @@ def claim_gpu(gpus: list[str], lock_dir: Path, wait_s: float = 0.5) -> Iterator[
             except OSError:
                 fh.close()
                 continue
+            held.append((gpu, fh))
+            if len(held) == count:
+                break
+        if len(held) == count:
             try:
-                yield gpu
+                yield ",".join(g for g, _ in held)
             finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
-                fh.close()
+                for _, fh in held:
+                    fcntl.flock(fh, fcntl.LOCK_UN)
+                    fh.close()
             return
+        for _, fh in held:  # not enough free devices: let go and wait
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            fh.close()
         time.sleep(wait_s)
-

@@ -352,11 +352,15 @@ class VAEParams(_Scheduled):
         0.0, ge=0, description="weight of a mode-seeking term (Mao et al. 2019) on the cVAE decoder: "
         "a prior draw z' ~ N(0, I) is decoded with the same ŷ, the loss adds weight x mean(|μ - z'|₁ "
         "/ |D(z, ŷ) - D(z', ŷ)|₁) and the adversarial term of D(z', ŷ). 0 = off, as the paper")
+    pool_crops: int = Field(
+        0, ge=0, description="global cVAEs: train on this many fixed training crops whose ŷ = f(x) "
+        "is computed once (cached in runs/<profile>/pools) instead of fresh crops with f(x) every "
+        "step; 0 = fresh crops, as the paper. A deviation that saves f's work (benchmarks/README.md)")
     n_val_crops: int = Field(ge=1, description="fixed validation crops (reconstruction MAE in HU)")
     n_test_crops: int = Field(ge=2, description="fixed test crops of the reconstruction report")
 
     off_values: ClassVar[dict[str, Any]] = {"decoder_init": "default", "mode_seeking": 0.0,
-                                            "latent": "global", "spatial": None}
+                                            "latent": "global", "spatial": None, "pool_crops": 0}
 
     @model_validator(mode="after")
     def _check_architecture(self) -> "VAEParams":
@@ -366,6 +370,9 @@ class VAEParams(_Scheduled):
                              f"(latent is {self.latent!r})")
         if self.spatial is not None:
             self.spatial_config(conditional=True)
+        if 0 < self.pool_crops < self.batch_size:
+            raise ValueError(f"vae.pool_crops {self.pool_crops} must be 0 or >= vae.batch_size "
+                             f"{self.batch_size}")
         if self.imagenet_weights is not None and self.encoder != "resnet50":
             raise ValueError("imagenet_weights needs encoder: resnet50 (resnet-small has no "
                              "ImageNet weights); set it to null")
@@ -589,10 +596,16 @@ class ClusterParams(_Section):
 class Params(_Section):
     """All parameters of one profile."""
 
+    off_values: ClassVar[dict[str, Any]] = {"precision": "fp32"}
+
     seed: int = 1332
     device: str = Field("auto", description="where the networks run: 'auto' (a CUDA GPU when torch "
                         "sees one, else the CPU), 'cpu', 'cuda' or 'cuda:<index>'; the environment "
                         "variable INVARISCOPE_DEVICE overrides it; not part of any stamp")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="arithmetic of training and sampling on a GPU: fp32, bf16 (autocast) or "
+        "fp16 (autocast with loss scaling); the losses' sensitive parts stay float32 "
+        "(invariscope.precision)")
     data: DataParams
     loader: LoaderParams
     denoisers: DenoisersParams

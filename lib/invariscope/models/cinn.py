@@ -36,6 +36,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from invariscope.precision import Float32Sequential, float32_except_subnets
+
 __all__ = [
     "InvertibleLeakyReLU",
     "DataActNorm2d",
@@ -186,7 +188,7 @@ def _mlp_constructor(hidden: int, hidden_depth: int):
         for _ in range(hidden_depth):
             layers += [nn.Linear(hidden, hidden), nn.LeakyReLU()]
         layers.append(nn.Linear(hidden, c_out))
-        return nn.Sequential(*layers)
+        return Float32Sequential(*layers)  # the coupling arithmetic stays in float32
 
     return make
 
@@ -268,7 +270,8 @@ class ConditionalINN(nn.Module):
             raise ValueError(f"expected z of shape (B, {self.latent_dim}), got {tuple(z.shape)}")
         if z.shape[0] < 2 and any(m.init_on_next_batch for m in self._actnorms()):
             raise ValueError("the first forward pass data-initializes ActNorm and needs a batch >= 2")
-        v, log_jac_det = self.flow(z, c=[cond], jac=True)
+        with float32_except_subnets(z.device.type):  # the flow's arithmetic in float32
+            v, log_jac_det = self.flow(z.float(), c=[cond.float()], jac=True)
         return v, log_jac_det
 
     def forward(self, z: Tensor, y_hat: Tensor) -> tuple[Tensor, Tensor]:
@@ -278,7 +281,8 @@ class ConditionalINN(nn.Module):
     def inverse_embedded(self, v: Tensor, cond: Tensor) -> Tensor:
         """``z = t⁻¹(v | ŷ)`` for a precomputed condition."""
         self._require_initialized()
-        z, _ = self.flow(v, c=[cond], rev=True, jac=False)
+        with float32_except_subnets(v.device.type):
+            z, _ = self.flow(v.float(), c=[cond.float()], rev=True, jac=False)
         return z
 
     def inverse(self, v: Tensor, y_hat: Tensor) -> Tensor:
@@ -293,6 +297,7 @@ class ConditionalINN(nn.Module):
         ``per_dim=True`` divides by ``latent_dim`` (nats per dimension); optimum unchanged.
         """
         v, log_jac_det = self.forward(z, y_hat)
+        v, log_jac_det = v.float(), log_jac_det.float()  # float32 under autocast too
         loss = 0.5 * v.pow(2).sum(dim=1).mean() - log_jac_det.mean()
         return loss / self.latent_dim if per_dim else loss
 

@@ -40,7 +40,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from invariscope import distributed
 from invariscope.models.vae import check_condition
+from invariscope.precision import Float32Sequential, float32_except_subnets
 
 __all__ = ["SpatialVAEConfig", "SpatialVAE", "ConditionEncoder", "ConvolutionalINN", "elbo_terms",
            "SPATIAL_LOGVAR_MIN", "SPATIAL_LOGVAR_MAX"]
@@ -153,8 +155,9 @@ class SpatialVAE(nn.Module):
 
     @staticmethod
     def reparameterize(mu: Tensor, logvar: Tensor) -> Tensor:
-        """``mu + exp(logvar / 2) * eps`` with ``eps ~ N(0, I)`` (global torch RNG)."""
-        return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+        """``mu + exp(logvar / 2) * eps`` with ``eps ~ N(0, I)`` (global torch RNG; drawn for the
+        global batch under data-parallel training, :func:`invariscope.distributed.randn_like`)."""
+        return mu + torch.exp(0.5 * logvar) * distributed.randn_like(mu)
 
     def decode(self, z: Tensor, y_hat: Tensor | None = None) -> Tensor:
         """Image ``(B, 1, S, S)`` from z ``(B, *latent_shape)``: ŷ + convs(z, ŷ) + linear(z)."""
@@ -193,6 +196,7 @@ def elbo_terms(x: Tensor, x_rec: Tensor, mu: Tensor, logvar: Tensor,
     sum.
     """
     n_pix = x[0].numel()
+    x, x_rec, mu, logvar = x.float(), x_rec.float(), mu.float(), logvar.float()  # autocast: float32
     rec = (x - x_rec).pow(2).flatten(1).sum(1).mean() / (2.0 * decoder_sd**2) / n_pix
     kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(1).mean() / n_pix
     return {"rec": rec, "kl": kl, "total": rec + kl}
@@ -231,8 +235,8 @@ def _conv_subnet(width: int):
         last = nn.Conv2d(width, c_out, 3, padding=1)
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
-        return nn.Sequential(nn.Conv2d(c_in, width, 3, padding=1), nn.ReLU(),
-                             nn.Conv2d(width, width, 1), nn.ReLU(), last)
+        return Float32Sequential(nn.Conv2d(c_in, width, 3, padding=1), nn.ReLU(),  # coupling
+                                 nn.Conv2d(width, width, 1), nn.ReLU(), last)  # math in float32
 
     return make
 
@@ -309,7 +313,8 @@ class ConvolutionalINN(nn.Module):
     def forward_embedded(self, z: Tensor, cond: Tensor) -> tuple[Tensor, Tensor]:
         """``(v, log|det ∂v/∂z|)`` for latents z and a precomputed condition map."""
         self._check_z(z)
-        return self.flow(z, c=self._conditions(cond), jac=True)
+        with float32_except_subnets(z.device.type):  # the flow's arithmetic in float32
+            return self.flow(z.float(), c=self._conditions(cond.float()), jac=True)
 
     def forward(self, z: Tensor, y_hat: Tensor) -> tuple[Tensor, Tensor]:
         return self.forward_embedded(z, self.embed(y_hat))
@@ -317,7 +322,8 @@ class ConvolutionalINN(nn.Module):
     def inverse_embedded(self, v: Tensor, cond: Tensor) -> Tensor:
         """``z = t⁻¹(v | ŷ)`` for a precomputed condition map."""
         self._check_z(v)
-        z, _ = self.flow(v, c=self._conditions(cond), rev=True, jac=False)
+        with float32_except_subnets(v.device.type):
+            z, _ = self.flow(v.float(), c=self._conditions(cond.float()), rev=True, jac=False)
         return z
 
     def inverse(self, v: Tensor, y_hat: Tensor) -> Tensor:
@@ -326,6 +332,7 @@ class ConvolutionalINN(nn.Module):
     def nll_loss(self, z: Tensor, y_hat: Tensor, per_dim: bool = False) -> Tensor:
         """``mean(½‖v‖²) − mean(log|det J|)`` in nats per sample (``per_dim``: per latent value)."""
         v, log_jac_det = self.forward(z, y_hat)
+        v, log_jac_det = v.float(), log_jac_det.float()  # float32 under autocast too
         loss = 0.5 * v.pow(2).flatten(1).sum(dim=1).mean() - log_jac_det.mean()
         return loss / self.latent_dim if per_dim else loss
 

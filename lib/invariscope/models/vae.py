@@ -38,7 +38,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
+from invariscope import distributed
 from invariscope.models import backbones
+from invariscope.precision import float32
 
 __all__ = [
     "LOGVAR_MIN",
@@ -462,8 +464,9 @@ class ConditionalVAE(nn.Module):
 
     @staticmethod
     def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-        """``mu + exp(logvar / 2) * eps`` with ``eps ~ N(0, I)`` (global torch RNG)."""
-        return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+        """``mu + exp(logvar / 2) * eps`` with ``eps ~ N(0, I)`` (global torch RNG; drawn for the
+        global batch under data-parallel training, :func:`invariscope.distributed.randn_like`)."""
+        return mu + torch.exp(0.5 * logvar) * distributed.randn_like(mu)
 
     def decode(self, z: torch.Tensor, y_hat: torch.Tensor | None = None) -> torch.Tensor:
         """Image ``(B, 1, crop, crop)`` from ``z`` ``(B, latent_dim)``."""
@@ -538,19 +541,22 @@ def gradient_penalty(critic: Callable[..., torch.Tensor], real: torch.Tensor, fa
     ``real``/``fake`` are detached; the interpolation weight is drawn per sample from U(0, 1)
     (global torch RNG). With ``include_cond`` the gradient norm covers the ŷ channel too, as in the
     authors' code (they differentiate w.r.t. the concatenated critic input); otherwise only the
-    image. The result keeps its graph so it trains the critic.
+    image. The result keeps its graph so it trains the critic. It is computed in float32 (autocast
+    off: the double backward stays in full precision).
     """
     if real.shape != fake.shape:
         raise ValueError(f"real and fake shapes differ: {tuple(real.shape)} vs {tuple(fake.shape)}")
-    a = torch.rand(real.shape[0], *([1] * (real.dim() - 1)), device=real.device, dtype=real.dtype)
-    interp = (a * real.detach() + (1 - a) * fake.detach()).requires_grad_(True)
+    real, fake = real.detach().float(), fake.detach().float()
+    a = distributed.rand(real.shape[0], *([1] * (real.dim() - 1)), device=real.device, dtype=real.dtype)
+    interp = (a * real + (1 - a) * fake).requires_grad_(True)
     inputs = [interp]
     if cond is not None:
-        cond = cond.detach().requires_grad_(include_cond)
+        cond = cond.detach().float().requires_grad_(include_cond)
         if include_cond:
             inputs.append(cond)
-    out = critic(interp) if cond is None else critic(interp, cond)
-    grads = torch.autograd.grad(out.sum(), inputs, create_graph=True, allow_unused=True)
+    with float32(real.device):
+        out = critic(interp) if cond is None else critic(interp, cond)
+        grads = torch.autograd.grad(out.sum(), inputs, create_graph=True, allow_unused=True)
     flat = [g.flatten(1) if g is not None else torch.zeros_like(x).flatten(1) for g, x in zip(grads, inputs)]
     norm = torch.cat(flat, dim=1).norm(2, dim=1)
     return lam * ((norm - 1.0) ** 2).mean()
@@ -600,7 +606,9 @@ class VAELossWeights:
 
 
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(mu, exp(logvar)) || N(0, I)) per sample in nats, summed over latent dims: ``(B,)``."""
+    """KL(N(mu, exp(logvar)) || N(0, I)) per sample in nats, summed over latent dims: ``(B,)``
+    (float32 under autocast too)."""
+    mu, logvar = mu.float(), logvar.float()
     return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(dim=1)
 
 

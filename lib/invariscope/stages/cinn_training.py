@@ -44,12 +44,14 @@ from tqdm import tqdm
 
 from invariscope import atomic
 from invariscope import device as devices
+from invariscope import distributed
 from invariscope.config.params import Params
 from invariscope.data.dataset import CTDataset
 from invariscope.data.loader import CropDataset, fixed_crops
 from invariscope.models.cinn import ConditionalINN
 from invariscope.models.spatial import ConvolutionalINN
 from invariscope.names import cinn_name
+from invariscope.precision import Precision
 from invariscope.provenance import cinn_fingerprint, stage_dir
 from invariscope.stages.training import (BatchStream, checkpoint_dir, cosine_lr, load_best, pool_batches,
                                          train)
@@ -226,6 +228,8 @@ def train_cinn(denoiser: str, params: Params, dataset: CTDataset, out_dir: str |
     dev = devices.module_device(vae)
     model = build_cinn(params).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    mp = Precision(params.precision, dev)
+    optimizers = mp.register({"cinn": opt})
 
     n_pool = pool_size(name, params)
     pool = (_latent_pool(vae, den, params, dataset, ckpt_dir, fp, progress, name, denoiser_dir)
@@ -233,21 +237,20 @@ def train_cinn(denoiser: str, params: Params, dataset: CTDataset, out_dir: str |
 
     def step_fn(step: int, batch: Any) -> dict[str, float]:
         if pool is None:
-            z, y_hat = encode_latents(vae, den, batch[0])
+            with mp.autocast():
+                z, y_hat = encode_latents(vae, den, batch[0])
+            z, y_hat = z.float(), y_hat.float()
         else:  # batch: indices into the pool; fresh reparameterisation noise every step
             y_hat, mu = pool["y_hat"][batch], pool["mu"][batch]
-            z = mu + torch.exp(0.5 * pool["logvar"][batch]) * torch.randn_like(mu)
-        if not model.is_initialized:  # a fresh run: fit every ActNorm to the first batch
-            model.initialize(z, y_hat)
-        loss = model.nll_loss(z, y_hat)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            z = mu + torch.exp(0.5 * pool["logvar"][batch]) * distributed.randn_like(mu)
+        if not model.is_initialized:  # a fresh run: fit every ActNorm to the first (global) batch
+            model.initialize(distributed.gather(z), distributed.gather(y_hat))
+        with mp.autocast():
+            loss = model.nll_loss(z, y_hat)  # float32: coupling arithmetic, log-det and NLL
         if cfg.lr_final < 1.0:
             for group in opt.param_groups:
                 group["lr"] = cosine_lr(step, cfg.iterations, cfg.lr, cfg.lr_final)
-        opt.step()
+        mp.update(loss, opt, clip=cfg.grad_clip)
         return {"nll": loss.item(), "nll_dim": loss.item() / model.latent_dim}
 
     z_val, y_val = _validation_latents(vae, den, params, dataset)
@@ -265,7 +268,7 @@ def train_cinn(denoiser: str, params: Params, dataset: CTDataset, out_dir: str |
     else:
         batches = pool_batches(params.seed, n_pool, cfg.batch_size)
     result = train(step_fn, batches, cfg.iterations, ckpt_dir, {"cinn": model},
-                   {"cinn": opt}, fp, seed=params.seed, checkpoint_every=cfg.checkpoint_every,
+                   optimizers, fp, seed=params.seed, checkpoint_every=cfg.checkpoint_every,
                    validate_fn=validate, validate_every=cfg.validate_every,
                    higher_is_better=False, desc=f"cINN {name}", progress=progress, device=dev)
     best_step = load_best(ckpt_dir, {"cinn": model}, fp)

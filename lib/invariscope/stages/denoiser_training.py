@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from invariscope import device as devices
+from invariscope import distributed
 from invariscope.config.params import Params
 from invariscope.config.paths import RELATIVE_RULE, resolve_setting
 from invariscope.data.dataset import CTDataset
@@ -58,6 +59,7 @@ from invariscope.models.custom import build_custom
 from invariscope.models.denoisers import (DUGANDiscriminator, GaussRI, WGANVGGCritic, build_denoiser,
                                           sobel_gradients)
 from invariscope.names import TRAINED_METHODS, check_name
+from invariscope.precision import Precision, float32
 from invariscope.provenance import denoiser_fingerprint
 from invariscope.stages.training import BatchStream, checkpoint_dir, cosine_lr, load_best, train
 
@@ -192,11 +194,14 @@ def _ls(pred: torch.Tensor, target: float | torch.Tensor) -> torch.Tensor:
 
 
 def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-    """WGAN-GP term ``mean((||grad critic(a y + (1 - a) G(x))||_2 - 1)^2)`` (unweighted)."""
-    a = torch.rand(real.shape[0], 1, 1, 1, dtype=real.dtype, device=real.device)
+    """WGAN-GP term ``mean((||grad critic(a y + (1 - a) G(x))||_2 - 1)^2)`` (unweighted), in
+    float32 (autocast off: the double backward stays in full precision)."""
+    real, fake = real.float(), fake.float()
+    a = distributed.rand(real.shape[0], 1, 1, 1, dtype=real.dtype, device=real.device)
     interp = (a * real + (1 - a) * fake).requires_grad_(True)
-    out = critic(interp)
-    (grad,) = torch.autograd.grad(out, interp, grad_outputs=torch.ones_like(out), create_graph=True)
+    with float32(real.device):
+        out = critic(interp)
+        (grad,) = torch.autograd.grad(out, interp, grad_outputs=torch.ones_like(out), create_graph=True)
     return ((grad.flatten(1).norm(2, dim=1) - 1) ** 2).mean()
 
 
@@ -229,22 +234,21 @@ class _Setup:
     vgg_pretrained: bool | None = None
 
 
-def _setup_mse(model: nn.Module, cfg: Any) -> _Setup:
+def _setup_mse(model: nn.Module, cfg: Any, mp: Precision) -> _Setup:
     opt = _adam(model, cfg)
 
     def step_fn(step: int, batch: Any) -> dict[str, float]:
         x, y = batch
-        loss = F.mse_loss(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        with mp.autocast():
+            loss = F.mse_loss(model(x).float(), y)
+        mp.update(loss, opt)
         return {"mse": loss.item()}
 
     return _Setup(model, {"model": model}, {"model": opt}, step_fn)
 
 
 def _setup_wganvgg(model: nn.Module, cfg: Any, params: Params, dataset: CTDataset,
-                   device: torch.device) -> _Setup:
+                   device: torch.device, mp: Precision) -> _Setup:
     weights = resolve_vgg_weights(params)
     critic = WGANVGGCritic(patch_size=cfg.patch_size).to(device)
     mean_hu, std_hu = dataset.normalization
@@ -261,28 +265,27 @@ def _setup_wganvgg(model: nn.Module, cfg: Any, params: Params, dataset: CTDatase
             for opt in (opt_g, opt_d):
                 for group in opt.param_groups:
                     group["lr"] = lr
-        with torch.no_grad():
-            fake = model(x)
+        with torch.no_grad(), mp.autocast():
+            fake = model(x).float()
         _requires_grad(critic, True)
         for _ in range(cfg.critic_steps):
-            wdist = critic(y).mean() - critic(fake).mean()
+            with mp.autocast():
+                wdist = critic(y).float().mean() - critic(fake).float().mean()
             gp = gradient_penalty(critic, y, fake)
             loss_d = -wdist + cfg.lambda_gp * gp
-            opt_d.zero_grad(set_to_none=True)
-            loss_d.backward()
-            opt_d.step()
+            mp.update(loss_d, opt_d)
         _requires_grad(critic, False)
-        fake = model(x)
-        adv = -critic(fake).mean()
-        with torch.no_grad():  # no backward through the target's features (same loss, half the work)
-            target_feats = perceptual.extract(y)
-        perc = sum(F.l1_loss(f, t) for f, t in zip(perceptual.extract(fake), target_feats))
-        loss_g = adv + cfg.lambda_perceptual * perc
-        if cfg.lambda_pixel > 0:  # CPU profiles only (0 in the paper's loss)
-            loss_g = loss_g + cfg.lambda_pixel * F.mse_loss(fake, y)
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        opt_g.step()
+        with mp.autocast():
+            fake = model(x).float()
+            adv = -critic(fake).float().mean()
+            with torch.no_grad():  # no backward through the target's features (same loss, half the work)
+                target_feats = perceptual.extract(y)
+            perc = sum(F.l1_loss(f.float(), t.float())
+                       for f, t in zip(perceptual.extract(fake), target_feats))
+            loss_g = adv + cfg.lambda_perceptual * perc
+            if cfg.lambda_pixel > 0:  # CPU profiles only (0 in the paper's loss)
+                loss_g = loss_g + cfg.lambda_pixel * F.mse_loss(fake, y)
+        mp.update(loss_g, opt_g)
         _requires_grad(critic, True)
         return {"d": loss_d.item(), "gp": gp.item(), "g_adv": adv.item(), "g_perc": perc.item()}
 
@@ -290,7 +293,7 @@ def _setup_wganvgg(model: nn.Module, cfg: Any, params: Params, dataset: CTDatase
                   step_fn, vgg_pretrained=perceptual.pretrained)
 
 
-def _setup_dugan(model: nn.Module, cfg: Any, device: torch.device) -> _Setup:
+def _setup_dugan(model: nn.Module, cfg: Any, device: torch.device, mp: Precision) -> _Setup:
     d_img = DUGANDiscriminator(in_channels=1, conv_dim=cfg.disc_channels,
                                repeat_num=cfg.disc_depth).to(device)
     d_grad = copy.deepcopy(d_img)  # the authors deep-copy the image discriminator
@@ -298,24 +301,24 @@ def _setup_dugan(model: nn.Module, cfg: Any, device: torch.device) -> _Setup:
 
     def update_d(disc: nn.Module, opt: torch.optim.Optimizer, src: torch.Tensor, real: torch.Tensor,
                  fake: torch.Tensor, use_cutmix: bool) -> torch.Tensor:
-        real_g, real_p = disc(real)
-        fake_g, fake_p = disc(fake)
-        src_g, src_p = disc(src)
-        loss = (_ls(real_g, 1.0) + _ls(real_p, 1.0) + _ls(fake_g, 0.0) + _ls(fake_p, 0.0)
-                + _ls(src_g, 0.0) + _ls(src_p, 0.0))
-        if use_cutmix:
-            mask = cutmix_mask(real_p.shape).to(real_p)
-            mix_g, mix_p = disc(real * mask + fake * (1 - mask))
-            consistency = F.mse_loss(mix_p, real_p * mask + fake_p * (1 - mask))
-            loss = loss + _ls(mix_g, 0.0) + _ls(mix_p, mask) + cfg.lambda_cutmix * consistency
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        with mp.autocast():
+            real_g, real_p = _float(disc(real))
+            fake_g, fake_p = _float(disc(fake))
+            src_g, src_p = _float(disc(src))
+            loss = (_ls(real_g, 1.0) + _ls(real_p, 1.0) + _ls(fake_g, 0.0) + _ls(fake_p, 0.0)
+                    + _ls(src_g, 0.0) + _ls(src_p, 0.0))
+            if use_cutmix:
+                mask = cutmix_mask(real_p.shape).to(real_p)
+                mix_g, mix_p = _float(disc(real * mask + fake * (1 - mask)))
+                consistency = F.mse_loss(mix_p, real_p * mask + fake_p * (1 - mask))
+                loss = loss + _ls(mix_g, 0.0) + _ls(mix_p, mask) + cfg.lambda_cutmix * consistency
+        mp.update(loss, opt)
         return loss.detach()
 
     def step_fn(step: int, batch: Any) -> dict[str, float]:
         x, y = batch
-        fake = model(x)
+        with mp.autocast():
+            fake = model(x).float()
         g_fake, g_x, g_y = sobel_gradients(fake), sobel_gradients(x), sobel_gradients(y)
         p_cutmix = min((step + 1) * cfg.cutmix_prob / cfg.cutmix_warmup, cfg.cutmix_prob)
         use_cutmix = bool(torch.rand(()).item() < p_cutmix)
@@ -326,17 +329,16 @@ def _setup_dugan(model: nn.Module, cfg: Any, device: torch.device) -> _Setup:
         loss_dg = update_d(d_grad, opt_dg, g_x, g_y, g_fake.detach(), use_cutmix)
         _requires_grad(d_img, False)
         _requires_grad(d_grad, False)
-        out_g, out_p = d_img(fake)
-        adv_img = _ls(out_g, 1.0) + _ls(out_p, 1.0)
-        out_g, out_p = d_grad(g_fake)
-        adv_grad = _ls(out_g, 1.0) + _ls(out_p, 1.0)
+        with mp.autocast():
+            out_g, out_p = _float(d_img(fake))
+            adv_img = _ls(out_g, 1.0) + _ls(out_p, 1.0)
+            out_g, out_p = _float(d_grad(g_fake))
+            adv_grad = _ls(out_g, 1.0) + _ls(out_p, 1.0)
         pix = F.mse_loss(fake, y)
         grad = F.l1_loss(g_fake, g_y)
         loss_g = (cfg.lambda_adv * (adv_img + adv_grad) + cfg.lambda_px_im * pix
                   + cfg.lambda_px_grad * grad)
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        opt_g.step()
+        mp.update(loss_g, opt_g)
         _requires_grad(d_img, True)
         _requires_grad(d_grad, True)
         return {"g": loss_g.item(), "pix": pix.item(), "grad": grad.item(),
@@ -346,16 +348,24 @@ def _setup_dugan(model: nn.Module, cfg: Any, device: torch.device) -> _Setup:
                   {"model": opt_g, "d_img": opt_di, "d_grad": opt_dg}, step_fn)
 
 
+def _float(outputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return tuple(o.float() for o in outputs)
+
+
 def _setup(name: str, params: Params, dataset: CTDataset, device: torch.device) -> _Setup:
     cfg = getattr(params.denoisers, name)
+    mp = Precision(params.precision, device)
     with torch.random.fork_rng(devices=[]):  # the same initial weights every run, on any device
         torch.manual_seed(params.seed)
         model = build_denoiser(name).to(device)
         if name in ("cnn10", "redcnn"):
-            return _setup_mse(model, cfg)
-        if name == "wganvgg":
-            return _setup_wganvgg(model, cfg, params, dataset, device)
-        return _setup_dugan(model, cfg, device)
+            setup = _setup_mse(model, cfg, mp)
+        elif name == "wganvgg":
+            setup = _setup_wganvgg(model, cfg, params, dataset, device, mp)
+        else:
+            setup = _setup_dugan(model, cfg, device, mp)
+    setup.optimizers = mp.register(setup.optimizers)
+    return setup
 
 
 # --------------------------------------------------------------------------------------

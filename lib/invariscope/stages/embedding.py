@@ -37,19 +37,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pytorch_metric_learning import losses, miners
+from pytorch_metric_learning.utils import distributed as pml_distributed
 from torch import nn
 
 from invariscope import device as devices
+from invariscope import distributed
 from invariscope.config.params import EmbeddingParams, Params, digest
 from invariscope.data.dataset import CTDataset
 from invariscope.data.loader import Normalizer
 from invariscope.models import backbones
 from invariscope.models.vae import _SmallResNet, adapt_rgb_conv
+from invariscope.precision import Precision
 from invariscope.provenance import (embedding_checkpoint, embedding_data_key, embedding_fingerprint,
                                     embedding_set_keys, stage_dir)
 from invariscope.stages.cinn_training import load_cinn, load_models
 from invariscope.stages.invariances import load_invariances, sample_invariances_cached, stored_key
-from invariscope.stages.training import TrainResult, clear_checkpoints, load_best, load_checkpoint, train
+from invariscope.stages.training import TrainResult, checkpoint_dir, load_best, load_checkpoint, train
 from invariscope.stages.vae_training import resolve_weights
 
 __all__ = [
@@ -220,7 +223,8 @@ def sample_training_data(params: Params, dataset: CTDataset, split: str = "train
             res = sample_invariances_cached(path, den, vae, cinn, dataset, crops, cfg.n_invariances,
                                             params.invariances.batch_size, cfg.seed, split=split,
                                             models=models, chunk_crops=params.invariances.chunk_crops,
-                                            force=force, progress=progress, outputs=False)
+                                            force=force, progress=progress, outputs=False,
+                                            precision=params.precision)
         xs.append(res["x"])
         pools.append(res["x_tilde"])
         source += [name] * res["x_tilde"].shape[1]
@@ -255,7 +259,7 @@ class TrainedEmbedding:
 
 def fit_embedding(model: Embedder, train_data: EmbeddingData, val_data: EmbeddingData | None,
                   cfg: EmbeddingParams, norm: Normalizer, ckpt_dir: str | Path, fp: str,
-                  progress: bool = True) -> TrainResult:
+                  progress: bool = True, precision: str = "fp32") -> TrainResult:
     """Train ``model`` with the triplet loss and semi-hard mining (see the module docstring).
 
     Uses ``cfg``'s margin, crops_per_batch, invariances_per_crop, lr, iterations,
@@ -269,8 +273,13 @@ def fit_embedding(model: Embedder, train_data: EmbeddingData, val_data: Embeddin
                          f"crops x {pool} invariances")
     dev = devices.module_device(model)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    mp = Precision(precision, dev)
     miner = miners.TripletMarginMiner(margin=cfg.margin, type_of_triplets="semihard")
     loss_fn = losses.TripletMarginLoss(margin=cfg.margin)
+    w = distributed.world()
+    if w.size > 1:  # mine and average over the global batch (every process's embeddings)
+        miner = pml_distributed.DistributedMinerWrapper(miner)
+        loss_fn = pml_distributed.DistributedLossWrapper(loss_fn)
 
     def tensor(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.asarray(norm(a.astype(np.float32)), dtype=np.float32))[:, None].to(dev)
@@ -279,16 +288,16 @@ def fit_embedding(model: Embedder, train_data: EmbeddingData, val_data: Embeddin
         ci, ii = (b.numpy() for b in batch)
         xa = tensor(train_data.x[ci])
         xi = tensor(train_data.x_tilde[ci[:, None], ii].reshape(-1, *train_data.x.shape[1:]))
-        emb = model(torch.cat((xa, xi)))
+        with mp.autocast():
+            emb = model(torch.cat((xa, xi))).float()
         ea, ei = emb[:len(ci)], emb[len(ci):]
-        la = torch.arange(len(ci), device=dev)
+        la = torch.arange(len(ci), device=dev) + w.rank * len(ci)  # the crop's place in the global batch
         li = la.repeat_interleave(ii.shape[1])
         triplets = miner(ea, la, ei, li)
         loss = loss_fn(ea, la, triplets, ei, li)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return {"loss": loss.item(), "triplets": float(len(triplets[0]))}
+        mp.update(loss, opt)
+        # the distributed wrapper scales the loss by the process count (its gradients are averaged)
+        return {"loss": loss.item() / w.size, "triplets": float(len(triplets[0]))}
 
     def batches(start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for step in itertools.count(start):
@@ -299,7 +308,7 @@ def fit_embedding(model: Embedder, train_data: EmbeddingData, val_data: Embeddin
 
     validate = map_at_r_val if val_data is not None else None
     return train(step_fn, batches, cfg.iterations, ckpt_dir, {"embedding": model},
-                 {"embedding": opt}, fp, seed=cfg.seed, checkpoint_every=cfg.checkpoint_every,
+                 mp.register({"embedding": opt}), fp, seed=cfg.seed, checkpoint_every=cfg.checkpoint_every,
                  validate_fn=validate, validate_every=cfg.validate_every, higher_is_better=True,
                  desc="embedding", progress=progress)
 
@@ -318,18 +327,18 @@ def train_embedding(params: Params, dataset: CTDataset, out_dir: str | Path | No
     """
     out, cdir = stage_dir(params, "embedding", out_dir), stage_dir(params, "cinn", cinn_dir)
     t0 = time.time()
-    kw: dict[str, Any] = dict(out_dir=out, cinn_dir=cdir, vae_dir=vae_dir, denoiser_dir=denoiser_dir,
-                              force=force, progress=progress)
-    train_data = sample_training_data(params, dataset, "train", **kw)
-    val_data = sample_training_data(params, dataset, "val", **kw)
+    with distributed.main_first() as main:  # several processes: rank 0 samples, the others load
+        kw: dict[str, Any] = dict(out_dir=out, cinn_dir=cdir, vae_dir=vae_dir,
+                                  denoiser_dir=denoiser_dir, force=force and main, progress=progress)
+        train_data = sample_training_data(params, dataset, "train", **kw)
+        val_data = sample_training_data(params, dataset, "val", **kw)
     t_data = time.time() - t0
     fp = embedding_fingerprint(params, digest({"train": train_data.key, "val": val_data.key}))
-    ckpt = out / fp
-    if force:
-        clear_checkpoints(ckpt)
-    model = build_embedder(params).to(devices.of(params))
+    ckpt = checkpoint_dir(out, fp, force)
+    model = distributed.sync_batchnorm(build_embedder(params).to(devices.of(params)))
     norm = Normalizer.of(dataset)
-    result = fit_embedding(model, train_data, val_data, params.embedding, norm, ckpt, fp, progress)
+    result = fit_embedding(model, train_data, val_data, params.embedding, norm, ckpt, fp, progress,
+                           params.precision)
     best_step = load_best(ckpt, {"embedding": model}, fp)
     model.eval()
     top1 = retrieval_accuracy(embed(model, val_data.x, norm), embed(model, val_data.x_tilde, norm))

@@ -47,6 +47,7 @@ from invariscope.data.dataset import CTDataset
 from invariscope.data.loader import CropDataset, CropSpec, Normalizer
 from invariscope.device import module_device
 from invariscope.models.denoisers import GaussRI
+from invariscope.precision import Precision
 from invariscope.provenance import INVARIANCE_FORMAT, invariance_key
 
 __all__ = [
@@ -92,9 +93,11 @@ def _batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_
 def _sample_chunk(denoiser_model: nn.Module, vae: nn.Module, cinn: nn.Module | None,
                   crops: CropDataset, first: int, specs: Sequence[CropSpec], n_inv: int,
                   batch_size: int, seed: int, mode: str, norm: Normalizer,
-                  timings: dict[str, float] | None, outputs: bool = True) -> dict[str, np.ndarray]:
+                  timings: dict[str, float] | None, outputs: bool = True,
+                  precision: str = "fp32") -> dict[str, np.ndarray]:
     t = timings if timings is not None else {}
     dev = module_device(vae)
+    mp = Precision(precision, dev)  # the generation only: f(x) and f(x̃) stay float32
     sync = timings is not None and dev.type == "cuda"  # GPU kernels run asynchronously
 
     def tick(name: str, t0: float) -> float:
@@ -115,7 +118,8 @@ def _sample_chunk(denoiser_model: nn.Module, vae: nn.Module, cinn: nn.Module | N
     latent_shape = tuple(vae.latent_shape)
     cond = mu = std = None
     if mode == "cinn":
-        cond = _batched(cinn.embed, y_hat, batch_size)
+        with mp.autocast():
+            cond = _batched(cinn.embed, y_hat, batch_size).float()
         t0 = tick("cinn", t0)
     elif mode == "posterior":
         enc = [vae.encode(x_dev[i:i + batch_size], y_hat[i:i + batch_size])
@@ -134,14 +138,15 @@ def _sample_chunk(denoiser_model: nn.Module, vae: nn.Module, cinn: nn.Module | N
     for s in range(0, b * n_inv, batch_size):
         rows = slice(s, s + batch_size)
         who = owner[rows]
-        if mode == "cinn":
-            z = cinn.inverse_embedded(v[rows], cond[who])
-            t0 = tick("cinn", t0)
-        elif mode == "posterior":
-            z = mu[who] + std[who] * v[rows]
-        else:
-            z = v[rows]
-        xt = vae.decode(z, y_hat[who])
+        with mp.autocast():
+            if mode == "cinn":
+                z = cinn.inverse_embedded(v[rows], cond[who]).float()
+                t0 = tick("cinn", t0)
+            elif mode == "posterior":
+                z = mu[who] + std[who] * v[rows]
+            else:
+                z = v[rows]
+            xt = vae.decode(z, y_hat[who]).float()
         t0 = tick("decoder", t0)
         x_tilde[rows] = norm.to_hu(xt[:, 0].cpu()).numpy()
         if outputs:
@@ -169,7 +174,8 @@ def sample_invariances(denoiser_model: nn.Module, vae: nn.Module, cinn: nn.Modul
                        chunk_dir: str | Path | None = None, chunk_crops: int = 16, key: str = "",
                        progress: bool = True, desc: str | None = None,
                        timings: dict[str, float] | None = None,
-                       posterior: bool = False, outputs: bool = True) -> dict[str, np.ndarray]:
+                       posterior: bool = False, outputs: bool = True,
+                       precision: str = "fp32") -> dict[str, np.ndarray]:
     """``n_invariances`` invariances x̃ of ``denoiser_model`` for each crop, with f(x̃).
 
     ``crops``: (slice index, top, left) specs of ``split`` (e.g. from
@@ -186,6 +192,8 @@ def sample_invariances(denoiser_model: nn.Module, vae: nn.Module, cinn: nn.Modul
     chunk files of the same ``key`` (resume); ``timings``: a dict that accumulates seconds per
     part (``load``, ``denoiser``, ``cinn``, ``decoder``, ``other``). ``outputs=False`` skips
     f(x̃) (``f_x_tilde`` then has shape (N, 0, c, c)): for uses that need x̃ only.
+    ``precision``: the generation (cINN and decoder) under autocast (:mod:`invariscope.precision`);
+    the denoiser's f(x) and f(x̃) always run in float32.
 
     Returns a dict of arrays: ``x``, ``y``, ``y_hat`` (N, c, c) float32 HU; ``x_tilde``,
     ``f_x_tilde`` (N, M, c, c) float16 HU; ``crops`` (N, 3) int64; and 0-d ``seed``,
@@ -223,7 +231,7 @@ def sample_invariances(denoiser_model: nn.Module, vae: nn.Module, cinn: nn.Modul
                 part = None
         if part is None:
             part = _sample_chunk(denoiser_model, vae, cinn, crop_ds, a, crops[a:b], n_invariances,
-                                 batch_size, seed, mode, norm, timings, outputs)
+                                 batch_size, seed, mode, norm, timings, outputs, precision)
             if f is not None:
                 atomic.save_npz(f, key=np.asarray(key), **part)
         parts.append(part)
@@ -239,17 +247,17 @@ def sample_invariances_cached(path: str | Path, denoiser_model: nn.Module, vae: 
                               n_invariances: int, batch_size: int, seed: int, prior: bool = False,
                               *, split: str = "test", models: str = "", chunk_crops: int = 16,
                               force: bool = False, progress: bool = True,
-                              outputs: bool = True) -> dict[str, np.ndarray]:
+                              outputs: bool = True, precision: str = "fp32") -> dict[str, np.ndarray]:
     """:func:`sample_invariances` into ``path`` (.npz), reusing it when its key matches.
 
     ``models``: identity of the networks (e.g. :func:`invariscope.provenance.cinn_identity`);
     a file of other crops, counts, seed or models is resampled. While sampling, chunk files go to
     ``<path stem>.chunks/`` beside it (an interrupted run resumes there); they are merged into
     ``path`` and deleted at the end. ``force=True`` resamples everything. ``outputs=False``: skip
-    f(x̃) (see :func:`sample_invariances`).
+    f(x̃) (see :func:`sample_invariances`); ``precision``: of the generation (part of the key).
     """
     path = Path(path)
-    key = invariance_key(crops, n_invariances, seed, prior, split, models, outputs)
+    key = invariance_key(crops, n_invariances, seed, prior, split, models, outputs, precision)
     chunks = path.with_name(path.stem + ".chunks")
     if force:
         path.unlink(missing_ok=True)
@@ -264,7 +272,7 @@ def sample_invariances_cached(path: str | Path, denoiser_model: nn.Module, vae: 
             return load_invariances(path)
     result = sample_invariances(denoiser_model, vae, cinn, dataset, crops, n_invariances, batch_size,
                                 seed, prior, split=split, chunk_dir=chunks, chunk_crops=chunk_crops,
-                                key=key, progress=progress, outputs=outputs)
+                                key=key, progress=progress, outputs=outputs, precision=precision)
     save_invariances(path, result)
     shutil.rmtree(chunks, ignore_errors=True)
     return result

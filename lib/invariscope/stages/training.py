@@ -12,6 +12,10 @@ optimizers) and an optional ``validate_fn() -> float``. :func:`train` then
   ``best.pt`` is restored from it (the workflow deletes a job's outputs before rerunning it),
 * stops with :class:`NonFiniteLossError` when a loss turns NaN/inf, keeping the last good
   checkpoint untouched.
+
+Under ``torchrun`` (:mod:`invariscope.distributed`) every process draws the same global batch,
+keeps its rows, and logs the processes' mean losses; rank 0 validates (its score is broadcast)
+and writes the checkpoints, so a run resumes on any number of processes.
 """
 
 from __future__ import annotations
@@ -30,10 +34,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from invariscope import atomic
+from invariscope import atomic, distributed
 from invariscope.data.dataset import CTDataset
 from invariscope.data.loader import CropDataset, PatientWeightedCropSampler
-from invariscope.device import to_device
+from invariscope.device import module_device, to_device
 from invariscope.provenance import best_checkpoint
 
 CHECKPOINT_VERSION = 1
@@ -147,11 +151,13 @@ def train(
     ckpt_dir = Path(ckpt_dir)
     last, best = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
     start, best_metric, best_step, history, best_state = 0, None, None, [], None
+    w = distributed.world()
+    where = module_device(next(iter(modules.values()), None))  # for the processes' collectives
     if last.is_file():
         ckpt = load_checkpoint(last, modules, optimizers, fingerprint)
         start, best_metric, best_step = ckpt["step"], ckpt.get("best_metric"), ckpt.get("best_step")
         history, best_state = ckpt.get("history", []), ckpt.get("best_modules")
-        if best_state is not None and not best.is_file():  # deleted (by hand, or by Snakemake
+        if best_state is not None and not best.is_file() and w.is_main:  # deleted (by hand, or by Snakemake
             # before it reruns an interrupted job): last.pt keeps a copy of the best weights
             atomic.torch_save(best, {"version": CHECKPOINT_VERSION, "fingerprint": fingerprint,
                                      "modules": best_state, "optimizers": {}, "step": best_step,
@@ -168,24 +174,27 @@ def train(
 
     def checkpoint(step: int) -> None:
         nonlocal saved_step
-        save_checkpoint(last, modules, optimizers, fingerprint, step=step, best_metric=best_metric,
-                        best_step=best_step, history=history, best_modules=best_state)
+        if w.is_main:
+            save_checkpoint(last, modules, optimizers, fingerprint, step=step,
+                            best_metric=best_metric, best_step=best_step, history=history,
+                            best_modules=best_state)
         saved_step = step
 
     if start >= n_steps:
+        distributed.barrier()
         return TrainResult(start, best_metric, best_step, history, resumed_from=start)
     for m in modules.values():
         m.train()
     stream = batches(start)
-    bar = tqdm(range(start, n_steps), initial=start, total=n_steps, desc=desc, disable=not progress,
-               mininterval=2.0)
+    bar = tqdm(range(start, n_steps), initial=start, total=n_steps, desc=desc,
+               disable=not progress or not w.is_main, mininterval=2.0)
     running: dict[str, float] = {}
     for step in bar:
-        batch = next(stream)  # before seeding: loaders may draw from the global RNG
+        batch = distributed.shard(next(stream), w)  # before seeding: loaders may draw from the RNG
         if device is not None:
             batch = to_device(batch, torch.device(device))
         torch.manual_seed(seed * 1_000_003 + step)
-        logs = dict(step_fn(step, batch))
+        logs = distributed.mean_logs(step_fn(step, batch), where)
         bad = [k for k, v in logs.items() if not math.isfinite(float(v))]
         if bad:
             where = f"{last} (step {saved_step})" if saved_step is not None else "none written yet"
@@ -203,13 +212,15 @@ def train(
             for m in modules.values():
                 m.eval()
             with torch.no_grad():
-                metric = float(validate_fn())
+                metric = float(validate_fn()) if w.is_main else None
+            metric = distributed.broadcast_float(metric, where)
             for m in modules.values():
                 m.train()
             if best_metric is None or (metric > best_metric if higher_is_better else metric < best_metric):
                 best_metric, best_step = metric, done
                 best_state = copy.deepcopy(_state(modules))
-                save_checkpoint(best, modules, {}, fingerprint, step=done, metric=metric)
+                if w.is_main:
+                    save_checkpoint(best, modules, {}, fingerprint, step=done, metric=metric)
             history.append({"step": done, "val": metric, **running})
         elif done % checkpoint_every == 0:
             history.append({"step": done, **running})
@@ -217,6 +228,7 @@ def train(
             checkpoint(done)
     for m in modules.values():
         m.eval()
+    distributed.barrier()  # every checkpoint is written before any process reads it
     return TrainResult(n_steps, best_metric, best_step, history, resumed_from=start,
                        seconds=time.time() - t0)
 
@@ -252,7 +264,9 @@ def checkpoint_dir(out_dir: str | Path, name: str, force: bool = False,
     (:func:`clear_checkpoints`, with the ``extra`` cache files)."""
     path = Path(out_dir) / name
     if force:
-        clear_checkpoints(path, *extra)
+        if distributed.world().is_main:  # one process clears, before any writes
+            clear_checkpoints(path, *extra)
+        distributed.barrier()
     return path
 
 

@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from invariscope import atomic
 from invariscope import device as devices
+from invariscope import distributed
 from invariscope.config.params import Params
 from invariscope.config.paths import resolve_setting
 from invariscope.data.dataset import CTDataset
@@ -53,6 +54,7 @@ from invariscope.models.vae import (ConditionalVAE, Critic, VAELossWeights, acti
                                     build_perceptual_loss, critic_loss_terms, kl_divergence,
                                     mode_seeking_term, vae_loss_terms)
 from invariscope.names import UNCONDITIONAL, UNCONDITIONAL_SPATIAL, is_unconditional, vae_name
+from invariscope.precision import Precision
 from invariscope.provenance import pool_key, stage_dir, vae_fingerprint
 from invariscope.stages.denoiser_training import load_denoiser
 from invariscope.stages.training import (BatchStream, checkpoint_dir, cosine_lr, load_best, pool_batches,
@@ -163,9 +165,18 @@ def _build_critic(conditional: bool, params: Params) -> Critic:
 # Losses and inference
 # --------------------------------------------------------------------------------------
 def free_bits_kl(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float) -> torch.Tensor:
-    """KL with a floor per latent dimension: ``sum_d max(free_bits, mean_b KL_bd)`` (nats)."""
+    """KL with a floor per latent dimension: ``sum_d max(free_bits, mean_b KL_bd)`` (nats), in
+    float32; the batch mean covers the global batch under data-parallel training."""
+    mu, logvar = mu.float(), logvar.float()
     per_dim = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).mean(dim=0)
-    return torch.clamp(per_dim, min=free_bits).sum()
+    if distributed.world().size == 1:
+        return torch.clamp(per_dim, min=free_bits).sum()
+    # the floor applies to the global batch's mean; each process's gradient flows through its
+    # own rows where that mean is above the floor (averaged over the processes: the gradient
+    # of one process's loss on the global batch)
+    mean = distributed.mean_over_processes(per_dim)
+    active = (mean > free_bits).to(per_dim.dtype)
+    return torch.clamp(mean, min=free_bits).sum() + (active * (per_dim - per_dim.detach())).sum()
 
 
 @torch.no_grad()
@@ -226,8 +237,11 @@ def _requires_grad(module: nn.Module, flag: bool) -> None:
 
 
 def _make_step(vae: ConditionalVAE, critic: Critic, denoiser: nn.Module | None, params: Params,
-               perceptual: nn.Module) -> tuple[Callable[[int, Any], dict[str, float]],
-                                               dict[str, torch.optim.Optimizer]]:
+               perceptual: nn.Module, mp: Precision,
+               pool: Mapping[str, torch.Tensor | None] | None = None
+               ) -> tuple[Callable[[int, Any], dict[str, float]], dict[str, torch.optim.Optimizer]]:
+    """One step of the global (c)VAE: critic (WGAN-GP), then encoder and decoder. ``pool``: x and
+    ŷ of fixed crops on the CPU (``vae.pool_crops``; the batch then holds indices into it)."""
     cfg = params.vae
     opt_g = torch.optim.Adam(vae.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     opt_d = torch.optim.Adam(critic.parameters(), lr=cfg.critic_lr, betas=(cfg.beta1, cfg.beta2))
@@ -236,35 +250,42 @@ def _make_step(vae: ConditionalVAE, critic: Critic, denoiser: nn.Module | None, 
                              perceptual=w.perceptual, adversarial=w.adversarial)
 
     def step_fn(step: int, batch: Any) -> dict[str, float]:
-        x = batch[0]
-        y_hat = _condition(denoiser, x)
-        x_rec, mu, logvar = vae(x, y_hat)
+        if pool is not None:
+            rows, dev = batch.cpu(), devices.module_device(vae)
+            x, y_hat = pool["x"][rows].to(dev), pool["y_hat"][rows].to(dev)
+        else:
+            x = batch[0]
+            with mp.autocast():
+                y_hat = _condition(denoiser, x)
+            y_hat = None if y_hat is None else y_hat.float()
+        with mp.autocast():
+            x_rec, mu, logvar = vae(x, y_hat)
+            x_rec = x_rec.float()
         # critic: WGAN-GP on fresh fakes of the current VAE
         _requires_grad(critic, True)
         for _ in range(cfg.critic_steps):
-            d = critic_loss_terms(critic, x, x_rec.detach(), y_hat, gp_weight=cfg.gp_weight)
-            opt_d.zero_grad(set_to_none=True)
-            d["total"].backward()
-            opt_d.step()
+            with mp.autocast():
+                d = critic_loss_terms(critic, x, x_rec.detach(), y_hat, gp_weight=cfg.gp_weight)
+            mp.update(d["total"], opt_d)
         # encoder + decoder, critic frozen
         _requires_grad(critic, False)
         use_perc = w.perceptual > 0 and step % cfg.perceptual_every == 0
-        g = vae_loss_terms(x, x_rec, mu, logvar, y_hat=y_hat, critic=critic if w.adversarial > 0 else None,
-                           perceptual=perceptual if use_perc else None, weights=weights)
-        total = g["total"]
-        if cfg.free_bits > 0:
-            total = total + w.kl * free_bits_kl(mu, logvar, cfg.free_bits)
-        ms = None
-        if cfg.mode_seeking > 0 and y_hat is not None:  # a prior draw, decoded with the same ŷ
-            z_prior = torch.randn_like(mu)
-            x_prior = vae.decode(z_prior, y_hat)
-            ms = mode_seeking_term(x_rec, x_prior, mu.detach(), z_prior)
-            total = total + cfg.mode_seeking * ms
-            if w.adversarial > 0:
-                total = total - w.adversarial * critic(x_prior, y_hat).mean()
-        opt_g.zero_grad(set_to_none=True)
-        total.backward()
-        opt_g.step()
+        with mp.autocast():
+            g = vae_loss_terms(x, x_rec, mu, logvar, y_hat=y_hat,
+                               critic=critic if w.adversarial > 0 else None,
+                               perceptual=perceptual if use_perc else None, weights=weights)
+            total = g["total"]
+            if cfg.free_bits > 0:
+                total = total + w.kl * free_bits_kl(mu, logvar, cfg.free_bits)
+            ms = None
+            if cfg.mode_seeking > 0 and y_hat is not None:  # a prior draw, decoded with the same ŷ
+                z_prior = distributed.randn_like(mu)
+                x_prior = vae.decode(z_prior, y_hat).float()
+                ms = mode_seeking_term(x_rec, x_prior, mu.detach(), z_prior)
+                total = total + cfg.mode_seeking * ms
+                if w.adversarial > 0:
+                    total = total - w.adversarial * critic(x_prior, y_hat).float().mean()
+        mp.update(total, opt_g)
         _requires_grad(critic, True)
         logs = {"loss": total.item(), "l1": g["l1"].item() / weights.reference_pixels,
                 "kl": g["kl"].item(), "adv": g["adversarial"].item(), "d_w": d["wasserstein"].item(),
@@ -275,7 +296,7 @@ def _make_step(vae: ConditionalVAE, critic: Critic, denoiser: nn.Module | None, 
             logs["ms"] = ms.item()
         return logs
 
-    return step_fn, {"vae": opt_g, "critic": opt_d}
+    return step_fn, mp.register({"vae": opt_g, "critic": opt_d})
 
 
 def training_pool(name: str | None, params: Params, dataset: CTDataset, denoiser: nn.Module | None,
@@ -317,7 +338,7 @@ def training_pool(name: str | None, params: Params, dataset: CTDataset, denoiser
 
 
 def _make_spatial_step(vae: SpatialVAE, denoiser: nn.Module | None, params: Params,
-                       pool: Mapping[str, torch.Tensor | None] | None
+                       pool: Mapping[str, torch.Tensor | None] | None, mp: Precision
                        ) -> tuple[Callable[[int, Any], dict[str, float]], dict[str, torch.optim.Optimizer]]:
     """One ELBO step of the spatial (c)VAE (Gaussian decoder of fixed SD, analytic KL)."""
     sp = params.vae.spatial
@@ -329,24 +350,23 @@ def _make_spatial_step(vae: SpatialVAE, denoiser: nn.Module | None, params: Para
             y_hat = None if pool["y_hat"] is None else pool["y_hat"][batch]
         else:
             x = batch[0]
-            y_hat = _condition(denoiser, x)
+            with mp.autocast():
+                y_hat = _condition(denoiser, x)
+            y_hat = None if y_hat is None else y_hat.float()
         if sp.hflip:  # f is (nearly) flip-equivariant: flip x and ŷ together
-            flip = (torch.rand(len(x)) < 0.5).to(x.device)[:, None, None, None]
+            flip = (distributed.rand(len(x)) < 0.5).to(x.device)[:, None, None, None]
             x = torch.where(flip, x.flip(-1), x)
             if y_hat is not None:
                 y_hat = torch.where(flip, y_hat.flip(-1), y_hat)
-        x_rec, mu, logvar = vae(x, y_hat)
-        t = elbo_terms(x, x_rec, mu, logvar, sp.decoder_sd)
-        opt.zero_grad(set_to_none=True)
-        t["total"].backward()
-        if sp.grad_clip is not None:
-            nn.utils.clip_grad_norm_(vae.parameters(), sp.grad_clip)
+        with mp.autocast():
+            x_rec, mu, logvar = vae(x, y_hat)
+        t = elbo_terms(x, x_rec, mu, logvar, sp.decoder_sd)  # float32
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, sp.iterations, sp.lr, sp.lr_final)
-        opt.step()
+        mp.update(t["total"], opt, clip=sp.grad_clip)
         return {"loss": t["total"].item(), "rec": t["rec"].item(), "kl": t["kl"].item()}
 
-    return step_fn, {"vae": opt}
+    return step_fn, mp.register({"vae": opt})
 
 
 def train_vae(denoiser: str | None, params: Params, dataset: CTDataset, out_dir: str | Path,
@@ -371,7 +391,8 @@ def train_vae(denoiser: str | None, params: Params, dataset: CTDataset, out_dir:
     fp = vae_fingerprint(name, params, dataset, denoiser_dir)
     conditional = den is not None
     spatial = is_spatial(name, params)
-    vae = build_vae(conditional, params, spatial=spatial).to(dev)
+    vae = distributed.sync_batchnorm(build_vae(conditional, params, spatial=spatial).to(dev))
+    mp = Precision(params.precision, dev)
     perceptual = None
     if spatial:
         n_pool = cfg.spatial.pool_size(name)
@@ -380,17 +401,19 @@ def train_vae(denoiser: str | None, params: Params, dataset: CTDataset, out_dir:
             pool = {k: None if v is None else v.to(dev) for k, v in
                     training_pool(name, params, dataset, den, n_pool, Path(out_dir).parent / "pools",
                                   progress, denoiser_dir).items()}
-        step_fn, optimizers = _make_spatial_step(vae, den, params, pool)
+        step_fn, optimizers = _make_spatial_step(vae, den, params, pool, mp)
         modules: dict[str, nn.Module] = {"vae": vae}
         n_steps, batch_size = cfg.spatial.iterations, cfg.spatial.batch_size
     else:
-        critic = _build_critic(conditional, params).to(dev)
+        critic = distributed.sync_batchnorm(_build_critic(conditional, params).to(dev))
         vgg_path = resolve_weights(cfg.vgg16_weights, params.source_file)
         perceptual = build_perceptual_loss(vgg_path, params_key="vae.vgg16_weights").to(dev)
-        step_fn, optimizers = _make_step(vae, critic, den, params, perceptual)
+        n_pool = cfg.pool_crops if conditional else 0  # the unconditional VAE has no f to save
+        pool = (training_pool(name, params, dataset, den, n_pool, Path(out_dir).parent / "pools",
+                              progress, denoiser_dir) if n_pool else None)
+        step_fn, optimizers = _make_step(vae, critic, den, params, perceptual, mp, pool)
         modules = {"vae": vae, "critic": critic}
         n_steps, batch_size = cfg.iterations, cfg.batch_size
-        n_pool = 0
 
     std_hu = Normalizer.of(dataset).std_hu
     x_val, _ = _crops_tensor(dataset, "val", cfg.crop_size, cfg.n_val_crops, params.seed)
