@@ -29,7 +29,7 @@ from torch import nn
 
 from invariscope import distributed
 
-__all__ = ["PRECISIONS", "Precision", "Float32Sequential", "float32", "float32_except_subnets"]
+__all__ = ["PRECISIONS", "Precision", "Float32Sequential", "float32", "float32_except_subnets", "full"]
 
 #: The accepted ``precision`` settings.
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -92,6 +92,12 @@ class Precision:
             opt.step()
 
 
+def full(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 when it is half precision (float16, bfloat16), else unchanged (float32 and
+    float64 stay as they are)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 @contextlib.contextmanager
 def float32(device: torch.device | str) -> Iterator[None]:
     """Autocast off: what runs inside stays in float32 (cast its inputs with ``.float()``)."""
@@ -128,6 +134,6 @@ class Float32Sequential(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         amp = _SUBNET_AUTOCAST.get()
         if amp is None:
-            return super().forward(x).float()
+            return full(super().forward(x))
         with torch.autocast(amp[0], dtype=amp[1]):
-            return super().forward(x).float()
+            return full(super().forward(x))

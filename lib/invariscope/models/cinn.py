@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from invariscope.precision import Float32Sequential, float32_except_subnets
+from invariscope.precision import Float32Sequential, float32_except_subnets, full
 
 __all__ = [
     "InvertibleLeakyReLU",
@@ -271,7 +271,7 @@ class ConditionalINN(nn.Module):
         if z.shape[0] < 2 and any(m.init_on_next_batch for m in self._actnorms()):
             raise ValueError("the first forward pass data-initializes ActNorm and needs a batch >= 2")
         with float32_except_subnets(z.device.type):  # the flow's arithmetic in float32
-            v, log_jac_det = self.flow(z.float(), c=[cond.float()], jac=True)
+            v, log_jac_det = self.flow(full(z), c=[full(cond)], jac=True)
         return v, log_jac_det
 
     def forward(self, z: Tensor, y_hat: Tensor) -> tuple[Tensor, Tensor]:
@@ -282,7 +282,7 @@ class ConditionalINN(nn.Module):
         """``z = t⁻¹(v | ŷ)`` for a precomputed condition."""
         self._require_initialized()
         with float32_except_subnets(v.device.type):
-            z, _ = self.flow(v.float(), c=[cond.float()], rev=True, jac=False)
+            z, _ = self.flow(full(v), c=[full(cond)], rev=True, jac=False)
         return z
 
     def inverse(self, v: Tensor, y_hat: Tensor) -> Tensor:
@@ -297,7 +297,7 @@ class ConditionalINN(nn.Module):
         ``per_dim=True`` divides by ``latent_dim`` (nats per dimension); optimum unchanged.
         """
         v, log_jac_det = self.forward(z, y_hat)
-        v, log_jac_det = v.float(), log_jac_det.float()  # float32 under autocast too
+        v, log_jac_det = full(v), full(log_jac_det)  # float32 under autocast too
         loss = 0.5 * v.pow(2).sum(dim=1).mean() - log_jac_det.mean()
         return loss / self.latent_dim if per_dim else loss
 

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from invariscope import distributed
 from invariscope.models.vae import check_condition
-from invariscope.precision import Float32Sequential, float32_except_subnets
+from invariscope.precision import Float32Sequential, float32_except_subnets, full
 
 __all__ = ["SpatialVAEConfig", "SpatialVAE", "ConditionEncoder", "ConvolutionalINN", "elbo_terms",
            "SPATIAL_LOGVAR_MIN", "SPATIAL_LOGVAR_MAX"]
@@ -196,7 +196,7 @@ def elbo_terms(x: Tensor, x_rec: Tensor, mu: Tensor, logvar: Tensor,
     sum.
     """
     n_pix = x[0].numel()
-    x, x_rec, mu, logvar = x.float(), x_rec.float(), mu.float(), logvar.float()  # autocast: float32
+    x, x_rec, mu, logvar = full(x), full(x_rec), full(mu), full(logvar)  # autocast: float32
     rec = (x - x_rec).pow(2).flatten(1).sum(1).mean() / (2.0 * decoder_sd**2) / n_pix
     kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(1).mean() / n_pix
     return {"rec": rec, "kl": kl, "total": rec + kl}
@@ -314,7 +314,7 @@ class ConvolutionalINN(nn.Module):
         """``(v, log|det ∂v/∂z|)`` for latents z and a precomputed condition map."""
         self._check_z(z)
         with float32_except_subnets(z.device.type):  # the flow's arithmetic in float32
-            return self.flow(z.float(), c=self._conditions(cond.float()), jac=True)
+            return self.flow(full(z), c=self._conditions(full(cond)), jac=True)
 
     def forward(self, z: Tensor, y_hat: Tensor) -> tuple[Tensor, Tensor]:
         return self.forward_embedded(z, self.embed(y_hat))
@@ -323,7 +323,7 @@ class ConvolutionalINN(nn.Module):
         """``z = t⁻¹(v | ŷ)`` for a precomputed condition map."""
         self._check_z(v)
         with float32_except_subnets(v.device.type):
-            z, _ = self.flow(v.float(), c=self._conditions(cond.float()), rev=True, jac=False)
+            z, _ = self.flow(full(v), c=self._conditions(full(cond)), rev=True, jac=False)
         return z
 
     def inverse(self, v: Tensor, y_hat: Tensor) -> Tensor:
@@ -332,7 +332,7 @@ class ConvolutionalINN(nn.Module):
     def nll_loss(self, z: Tensor, y_hat: Tensor, per_dim: bool = False) -> Tensor:
         """``mean(½‖v‖²) − mean(log|det J|)`` in nats per sample (``per_dim``: per latent value)."""
         v, log_jac_det = self.forward(z, y_hat)
-        v, log_jac_det = v.float(), log_jac_det.float()  # float32 under autocast too
+        v, log_jac_det = full(v), full(log_jac_det)  # float32 under autocast too
         loss = 0.5 * v.pow(2).flatten(1).sum(dim=1).mean() - log_jac_det.mean()
         return loss / self.latent_dim if per_dim else loss
 

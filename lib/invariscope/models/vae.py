@@ -40,7 +40,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 from invariscope import distributed
 from invariscope.models import backbones
-from invariscope.precision import float32
+from invariscope.precision import float32, full
 
 __all__ = [
     "LOGVAR_MIN",
@@ -546,12 +546,12 @@ def gradient_penalty(critic: Callable[..., torch.Tensor], real: torch.Tensor, fa
     """
     if real.shape != fake.shape:
         raise ValueError(f"real and fake shapes differ: {tuple(real.shape)} vs {tuple(fake.shape)}")
-    real, fake = real.detach().float(), fake.detach().float()
+    real, fake = full(real.detach()), full(fake.detach())
     a = distributed.rand(real.shape[0], *([1] * (real.dim() - 1)), device=real.device, dtype=real.dtype)
     interp = (a * real + (1 - a) * fake).requires_grad_(True)
     inputs = [interp]
     if cond is not None:
-        cond = cond.detach().float().requires_grad_(include_cond)
+        cond = full(cond.detach()).requires_grad_(include_cond)
         if include_cond:
             inputs.append(cond)
     with float32(real.device):
@@ -608,7 +608,7 @@ class VAELossWeights:
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, exp(logvar)) || N(0, I)) per sample in nats, summed over latent dims: ``(B,)``
     (float32 under autocast too)."""
-    mu, logvar = mu.float(), logvar.float()
+    mu, logvar = full(mu), full(logvar)
     return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(dim=1)
 
 

@@ -59,7 +59,7 @@ from invariscope.models.custom import build_custom
 from invariscope.models.denoisers import (DUGANDiscriminator, GaussRI, WGANVGGCritic, build_denoiser,
                                           sobel_gradients)
 from invariscope.names import TRAINED_METHODS, check_name
-from invariscope.precision import Precision, float32
+from invariscope.precision import Precision, float32, full
 from invariscope.provenance import denoiser_fingerprint
 from invariscope.stages.training import BatchStream, checkpoint_dir, cosine_lr, load_best, train
 
@@ -196,7 +196,7 @@ def _ls(pred: torch.Tensor, target: float | torch.Tensor) -> torch.Tensor:
 def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
     """WGAN-GP term ``mean((||grad critic(a y + (1 - a) G(x))||_2 - 1)^2)`` (unweighted), in
     float32 (autocast off: the double backward stays in full precision)."""
-    real, fake = real.float(), fake.float()
+    real, fake = full(real), full(fake)
     a = distributed.rand(real.shape[0], 1, 1, 1, dtype=real.dtype, device=real.device)
     interp = (a * real + (1 - a) * fake).requires_grad_(True)
     with float32(real.device):

@@ -54,7 +54,7 @@ from invariscope.models.vae import (ConditionalVAE, Critic, VAELossWeights, acti
                                     build_perceptual_loss, critic_loss_terms, kl_divergence,
                                     mode_seeking_term, vae_loss_terms)
 from invariscope.names import UNCONDITIONAL, UNCONDITIONAL_SPATIAL, is_unconditional, vae_name
-from invariscope.precision import Precision
+from invariscope.precision import Precision, full
 from invariscope.provenance import pool_key, stage_dir, vae_fingerprint
 from invariscope.stages.denoiser_training import load_denoiser
 from invariscope.stages.training import (BatchStream, checkpoint_dir, cosine_lr, load_best, pool_batches,
@@ -167,7 +167,7 @@ def _build_critic(conditional: bool, params: Params) -> Critic:
 def free_bits_kl(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float) -> torch.Tensor:
     """KL with a floor per latent dimension: ``sum_d max(free_bits, mean_b KL_bd)`` (nats), in
     float32; the batch mean covers the global batch under data-parallel training."""
-    mu, logvar = mu.float(), logvar.float()
+    mu, logvar = full(mu), full(logvar)
     per_dim = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).mean(dim=0)
     if distributed.world().size == 1:
         return torch.clamp(per_dim, min=free_bits).sum()
