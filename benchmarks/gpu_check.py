@@ -142,7 +142,7 @@ def time_steps(step: Callable[[], None], dev: torch.device, warmup: int, n: int)
 
 def cmd_steps(args: argparse.Namespace) -> dict[str, Any]:
     dev = _device(args.dry_run)
-    warmup, n, cap = (1, 1, 2) if args.dry_run else (3, 20, None)
+    warmup, n, cap = (0, 1, 2) if args.dry_run else (3, 20, None)
     rows = []
     for prec in ("fp32", "bf16"):
         params = load_params("paper", {**NO_WEIGHTS, "precision": prec, "device": str(dev)})
