@@ -473,16 +473,14 @@ def _run_job(spec: str, profile: str, data: str | None, params: Params) -> int:
     gpus = [g for g in os.environ.get("INVARISCOPE_GPUS", "").split(",") if g]
     procs = int(os.environ.get(PROCESSES_ENV, "1") or 1)
     parallel = procs > 1 and trains(job)
-    if not gpus:
-        if parallel:
-            _train_parallel(spec, profile, data, procs, forced)
-        _execute(job, out_dir / job.output_name, force=forced and not parallel)
-        return 0
-    with claim_gpu(gpus, run_dir(params.profile) / ".gpu-locks", count=procs if parallel else 1) as gpu:
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
-        os.environ["INVARISCOPE_DEVICE"] = "cuda"
-        print(f"[{params.profile}] {job.label} on GPU {gpu}", flush=True)
-        if parallel:
+    claim = (claim_gpu(gpus, run_dir(params.profile) / ".gpu-locks", count=procs if parallel else 1)
+             if gpus else contextlib.nullcontext(None))
+    with claim as gpu:
+        if gpu is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+            os.environ["INVARISCOPE_DEVICE"] = "cuda"
+            print(f"[{params.profile}] {job.label} on GPU {gpu}", flush=True)
+        if parallel:  # the notebook then finds the finished training: no force for it
             _train_parallel(spec, profile, data, procs, forced)
         _execute(job, out_dir / job.output_name, force=forced and not parallel)
     return 0

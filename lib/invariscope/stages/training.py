@@ -152,7 +152,7 @@ def train(
     last, best = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
     start, best_metric, best_step, history, best_state = 0, None, None, [], None
     w = distributed.world()
-    where = module_device(next(iter(modules.values()), None))  # for the processes' collectives
+    collective_device = module_device(next(iter(modules.values()), None))  # processes' collectives
     if last.is_file():
         ckpt = load_checkpoint(last, modules, optimizers, fingerprint)
         start, best_metric, best_step = ckpt["step"], ckpt.get("best_metric"), ckpt.get("best_step")
@@ -194,7 +194,7 @@ def train(
         if device is not None:
             batch = to_device(batch, torch.device(device))
         torch.manual_seed(seed * 1_000_003 + step)
-        logs = distributed.mean_logs(step_fn(step, batch), where)
+        logs = distributed.mean_logs(step_fn(step, batch), collective_device)
         bad = [k for k, v in logs.items() if not math.isfinite(float(v))]
         if bad:
             where = f"{last} (step {saved_step})" if saved_step is not None else "none written yet"
@@ -213,7 +213,7 @@ def train(
                 m.eval()
             with torch.no_grad():
                 metric = float(validate_fn()) if w.is_main else None
-            metric = distributed.broadcast_float(metric, where)
+            metric = distributed.broadcast_float(metric, collective_device)
             for m in modules.values():
                 m.train()
             if best_metric is None or (metric > best_metric if higher_is_better else metric < best_metric):
