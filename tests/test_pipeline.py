@@ -162,19 +162,26 @@ def _dry(capfd, *args: str) -> set[str]:
     return _planned(capfd.readouterr().out)
 
 
+def _subsets(profile):
+    from invariscope.config.params import load_params
+
+    return pipeline.subsets(load_params(profile))
+
+
 ALL_SMOKE = {j.label for j in pipeline.plan("smoke", None, None, None,
                                             ["cnn10", "redcnn", "wganvgg", "dugan", "gaussri"],
-                                            spatial=True)}
+                                            spatial=True, subset_denoisers=_subsets("smoke"))}
 
 
 def test_dag_of_each_profile_is_the_stage_list(fake_root, capfd):
     """A dry run of a fresh root lists every job of the plan, once, with its rule and wildcard."""
-    assert _dry(capfd) == ALL_SMOKE and len(ALL_SMOKE) == 28
+    assert _dry(capfd) == ALL_SMOKE and len(ALL_SMOKE) == 32
     assert pipeline.run(["--profile", "paper", "--data", str(fake_root[0]), "--dry-run"]) == 0
     paper = _planned(capfd.readouterr().out)
     assert "vae[unconditional_spatial]" not in paper and "vae[unconditional]" in paper
     assert paper == {j.label for j in pipeline.plan(
-        "paper", None, None, None, ["cnn10", "redcnn", "wganvgg", "dugan", "gaussri"])}
+        "paper", None, None, None, ["cnn10", "redcnn", "wganvgg", "dugan", "gaussri"],
+        subset_denoisers=_subsets("paper"))}
 
 
 def test_selections_and_order(fake_root, capfd):
@@ -185,7 +192,7 @@ def test_selections_and_order(fake_root, capfd):
     # --denoisers: the picked methods' chains and their shared upstream jobs, no summaries
     assert _dry(capfd, "--denoisers", "gaussri") == {
         "data", "denoiser[gaussri]", "vae[unconditional]", "vae[unconditional_spatial]",
-        "vae[gaussri]", "cinn[gaussri]", "invariances[gaussri]"}
+        "vae[gaussri]", "cinn[gaussri]", "invariances[gaussri]", "optimized[gaussri]"}
     assert pipeline.run(["--profile", "smoke", "--jobs", "2"]) == 0
     order = [c["job"] for c in calls()]
     assert set(order) == ALL_SMOKE and len(order) == len(ALL_SMOKE)
@@ -193,7 +200,8 @@ def test_selections_and_order(fake_root, capfd):
     for label in ALL_SMOKE:  # every job after the jobs it reads
         stage, _, den = label.partition("[")
         job = next(j for j in pipeline.plan("smoke", None, None, None, ["cnn10", "redcnn",
-                   "wganvgg", "dugan", "gaussri"], spatial=True) if j.label == label)
+                   "wganvgg", "dugan", "gaussri"], spatial=True, subset_denoisers=_subsets("smoke"))
+                   if j.label == label)
         from invariscope.workflow import Workflow
 
         wf = Workflow.from_config({"profile": "smoke"})
@@ -221,14 +229,16 @@ def test_reruns_never_trust_a_half_finished_job(fake_root, capfd, monkeypatch):
                              *force]) != 0
         monkeypatch.delenv("FAKE_INTERRUPT")
         assert calls() == [{"job": "cinn[gaussri]", "force": bool(force)}]
-        assert _dry(capfd, "--denoisers", "gaussri") == {"cinn[gaussri]", "invariances[gaussri]"}
+        assert _dry(capfd, "--denoisers", "gaussri") == {"cinn[gaussri]", "invariances[gaussri]",
+                                                          "optimized[gaussri]"}
         assert pipeline.run(["--profile", "smoke", "--denoisers", "gaussri"]) == 0
         assert calls() == [{"job": "cinn[gaussri]", "force": False},
-                           {"job": "invariances[gaussri]", "force": False}]
+                           {"job": "invariances[gaussri]", "force": False},
+                           {"job": "optimized[gaussri]", "force": False}]
     # a deleted output (a checkpoint, a figure) is rebuilt
     (root / "runs/smoke/vae/gaussri/best.pt").unlink()
     assert _dry(capfd, "--denoisers", "gaussri") == {
-        "vae[gaussri]", "cinn[gaussri]", "invariances[gaussri]"}
+        "vae[gaussri]", "cinn[gaussri]", "invariances[gaussri]", "optimized[gaussri]"}
     assert pipeline.run(["--profile", "smoke", "--denoisers", "gaussri"]) == 0
     calls()
     # a markdown edit reruns nothing; a code edit reruns the stage and what reads it
@@ -241,7 +251,8 @@ def test_reruns_never_trust_a_half_finished_job(fake_root, capfd, monkeypatch):
     code = next(c for c in nb.cells if c.cell_type == "code" and "parameters" not in c.metadata.get("tags", []))
     code.source += "\n# a changed line of code"
     nbformat.write(nb, nb_file)
-    assert _dry(capfd, "--denoisers", "gaussri") == {"cinn[gaussri]", "invariances[gaussri]"}
+    assert _dry(capfd, "--denoisers", "gaussri") == {"cinn[gaussri]", "invariances[gaussri]",
+                                                          "optimized[gaussri]"}
 
 
 def test_params_changes_rerun_exactly_the_stages_that_read_them(fake_root, capfd):
@@ -253,13 +264,14 @@ def test_params_changes_rerun_exactly_the_stages_that_read_them(fake_root, capfd
     methods = ("cnn10", "redcnn", "wganvgg", "dugan", "gaussri")
     assert _planned(capfd.readouterr().out) == {
         *(f"cinn[{m}]" for m in methods), *(f"invariances[{m}]" for m in methods), "figure5",
-        "embedding", "analysis"}
+        "embedding", "analysis", "optimized[cnn10]", "optimized[wganvgg]", "optimized[gaussri]",
+        "methods"}
     prof.write_text("base: smoke\nrun_name: smoke\ndenoisers:\n  cnn10: {iterations: 21, "
                     "batch_size: 4, patch_size: 32, lr: 1.0e-3}\n")
     assert pipeline.run(["--profile", str(prof), "--dry-run"]) == 0
     assert _planned(capfd.readouterr().out) == {
         "denoiser[cnn10]", "vae[cnn10]", "cinn[cnn10]", "invariances[cnn10]", "table1", "figure4",
-        "figure5", "embedding", "analysis"}
+        "figure5", "embedding", "analysis", "optimized[cnn10]", "methods"}
 
 
 def test_force_with_denoisers_keeps_the_shared_extra_runs(fake_root):

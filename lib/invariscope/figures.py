@@ -10,6 +10,8 @@ Figure 4   HD, LD and each VAE's reconstruction of LD                  02b_figur
 Figure 5   x, y, invariances and their per-pixel SD per denoiser       04_invariances, 04b
 Figure 6   crops at quantiles of s_VAE with their invariances          06_analysis
 Figure 7   the same for s_DML                                          06_analysis
+methods    invariances of every method side by side (talk 003)         07, 07b
+Fig. 5 ext SD over x̃ beside SD over f(x̃), cINN samples                 07b
 =========  ==========================================================  ================
 """
 
@@ -35,10 +37,11 @@ from invariscope.models.vae import ConditionalVAE
 from invariscope.names import LABELS
 from invariscope.stages.analysis import METRIC_NAMES, quantile_picks
 from invariscope.stages.invariances import invariance_sd
+from invariscope.stages.methods import METHOD_LABELS, METHODS
 from invariscope.stages.vae_training import reconstruct_hu
 
 __all__ = ["LUNG_WINDOW", "SOFT_TISSUE_WINDOW", "window_limits", "image_grid", "save",
-           "data_examples", "figure3", "figure4_crops", "figure4", "figure5", "quantile_figure"]
+           "data_examples", "figure3", "figure4_crops", "figure4", "figure5", "quantile_figure", "invariance_methods", "output_sd"]
 
 Denoise = Callable[[np.ndarray], np.ndarray]  # (n, H, W) HU -> (n, H, W) HU
 
@@ -298,4 +301,121 @@ def quantile_figure(results: Mapping[str, Mapping[str, np.ndarray]], metrics: pd
              f"content invariances): input x and the invariance x̃ closest to the crop's mean "
              f"similarity.\nLung window C = {c:.0f} HU, W = {w:.0f} HU.",
              ha="center", va="bottom", fontsize=7)
+    return fig
+
+
+def _outline_square(ax: Any, size: int, square: int) -> None:
+    rows, cols = GaussRI(square_size=square).square_slices(size, size)
+    ax.add_patch(Rectangle((cols.start - 0.5, rows.start - 0.5), cols.stop - cols.start,
+                           rows.stop - rows.start, fill=False, ec="tab:orange", lw=0.8, ls="--"))
+
+
+def invariance_methods(sets_by_denoiser: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]],
+                       crop_index: int = 0, methods: Sequence[str] | None = None,
+                       window: tuple[float, float] = LUNG_WINDOW,
+                       diff_window: tuple[float, float] = (0.0, 100.0), square: int | None = 30,
+                       cell_inches: float = 1.6) -> Figure:
+    """The talk's figure for every method (issue 21): per denoiser two rows, the invariance x̃
+    (first of the crop) and x̃ − x, beside x and f(x); columns x, f(x), then one per method.
+    CT images in ``window``, differences in ``diff_window`` (the talk: C 0 HU, W 100 HU)."""
+    if not sets_by_denoiser:
+        raise ValueError("no sets given")
+    names = list(sets_by_denoiser)
+    if methods is None:
+        present = {m for s in sets_by_denoiser.values() for m in s}
+        methods = [m for m in METHODS if m in present]
+    n_cols = 2 + len(methods)
+    fig, axes = plt.subplots(2 * len(names), n_cols, squeeze=False,
+                             figsize=(cell_inches * n_cols, cell_inches * 2 * len(names)))
+    lo, hi = window_limits(*window)
+    dlo, dhi = window_limits(*diff_window)
+    im_d = None
+    for r, name in enumerate(names):
+        sets = sets_by_denoiser[name]
+        first = next(iter(sets.values()))
+        x, y_hat = np.asarray(first["x"][crop_index]), np.asarray(first["y_hat"][crop_index])
+        for ax in axes[2 * r:2 * r + 2].ravel():
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[2 * r, 0].imshow(x, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+        axes[2 * r, 1].imshow(y_hat, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+        axes[2 * r + 1, 0].axis("off")
+        axes[2 * r + 1, 1].axis("off")
+        axes[2 * r, 0].set_ylabel(f"{LABELS.get(name, name)}\nx̃", fontsize=8)
+        for c, m in enumerate(methods, start=2):
+            if m not in sets:
+                axes[2 * r, c].axis("off")
+                axes[2 * r + 1, c].axis("off")
+                continue
+            xt = np.asarray(sets[m]["x_tilde"][crop_index][0], np.float32)
+            axes[2 * r, c].imshow(xt, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+            im_d = axes[2 * r + 1, c].imshow(xt - x, cmap="gray", vmin=dlo, vmax=dhi,
+                                            interpolation="nearest")
+            if square:
+                _outline_square(axes[2 * r + 1, c], xt.shape[-1], square)
+            if r == 0:
+                axes[0, c].set_title(METHOD_LABELS.get(m, m), fontsize=8)
+        axes[2 * r + 1, 2].set_ylabel("x̃ − x", fontsize=8)
+    axes[0, 0].set_title("x (low dose)", fontsize=8)
+    axes[0, 1].set_title("f(x)", fontsize=8)
+    fig.subplots_adjust(left=0.06, right=0.9, top=0.95, bottom=0.03, wspace=0.05, hspace=0.05)
+    if im_d is not None:
+        top, bottom = axes[0, -1].get_position().y1, axes[-1, -1].get_position().y0
+        fig.colorbar(im_d, cax=fig.add_axes((0.915, bottom, 0.012, top - bottom)),
+                     label="x̃ − x (HU)")
+    c, w = window
+    fig.text(0.48, 0.0, f"Invariances by method, test crop {crop_index}: per denoiser one invariance "
+             f"x̃ of each method (upper row, C = {c:.0f} HU, W = {w:.0f} HU) and its change x̃ − x "
+             f"(lower row, C = {diff_window[0]:.0f} HU, W = {diff_window[1]:.0f} HU; dashed: "
+             "Gauss+RI's blind square). cINN: x̃ = D(t⁻¹(v | f(x)), f(x)); prior: the same without the "
+             "cINN; opt.: argmin d(f(x), f(x')) − α·d(x, x'); natural: G(x, z) of the generator "
+             "trained with a critic.", ha="center", va="top", fontsize=7, wrap=True)
+    return fig
+
+
+def output_sd(results_by_denoiser: Mapping[str, Mapping[str, np.ndarray]], crop_index: int,
+              sd_range: tuple[float, float] = (0.0, 300.0), out_range: tuple[float, float] | None = None,
+              window: tuple[float, float] = LUNG_WINDOW, square: int | None = 30,
+              cell_inches: float = 1.8) -> Figure:
+    """Figure 5's extension (talk 003): per denoiser x, the per-pixel SD over the cINN's
+    invariances x̃ and the SD over their outputs f(x̃) of crop ``crop_index``. ``out_range``:
+    the SD scale of f(x̃) (default: the 99th percentile over the rows shown)."""
+    if not results_by_denoiser:
+        raise ValueError("no results given")
+    names = list(results_by_denoiser)
+    sds = {n: (invariance_sd(np.asarray(r["x_tilde"][crop_index:crop_index + 1], np.float32))[0],
+               invariance_sd(np.asarray(r["f_x_tilde"][crop_index:crop_index + 1], np.float32))[0])
+           for n, r in results_by_denoiser.items()}
+    if out_range is None:
+        hi = float(np.percentile(np.stack([s[1] for s in sds.values()]), 99)) or 1.0
+        out_range = (0.0, hi)
+    fig, axes = plt.subplots(len(names), 3, squeeze=False,
+                             figsize=(cell_inches * 3.6, cell_inches * len(names)))
+    lo, hi_w = window_limits(*window)
+    ims = [None, None]
+    for r, name in enumerate(names):
+        sd_x, sd_f = sds[name]
+        axes[r, 0].imshow(results_by_denoiser[name]["x"][crop_index], cmap="gray", vmin=lo, vmax=hi_w,
+                          interpolation="nearest")
+        ims[0] = axes[r, 1].imshow(sd_x, cmap="magma", vmin=sd_range[0], vmax=sd_range[1],
+                                   interpolation="nearest")
+        ims[1] = axes[r, 2].imshow(sd_f, cmap="magma", vmin=out_range[0], vmax=out_range[1],
+                                   interpolation="nearest")
+        for c, ax in enumerate(axes[r]):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if square and c:
+                _outline_square(ax, sd_x.shape[-1], square)
+        axes[r, 0].set_ylabel(LABELS.get(name, name), fontsize=9)
+    for c, title in enumerate(["x (low dose)", "SD over x̃", "SD over f(x̃)"]):
+        axes[0, c].set_title(title, fontsize=9)
+    fig.subplots_adjust(left=0.08, right=0.86, top=0.94, bottom=0.03, wspace=0.05, hspace=0.05)
+    for k, (im, label) in enumerate(zip(ims, ["SD over x̃ (HU)", "SD over f(x̃) (HU)"])):
+        fig.colorbar(im, ax=list(axes[:, k + 1]), fraction=0.05, pad=0.01, label=label)
+    n = np.asarray(next(iter(results_by_denoiser.values()))["x_tilde"]).shape[1]
+    fig.text(0.47, 0.0, f"Figure 5, extended. Crop {crop_index}: per-pixel SD over the cINN's {n} "
+             f"invariances x̃ ({sd_range[0]:.0f}–{sd_range[1]:.0f} HU) and over their outputs f(x̃) "
+             f"({out_range[0]:.0f}–{out_range[1]:.0f} HU, another scale): what the input may vary "
+             "against what reaches the output (dashed: Gauss+RI's blind square).",
+             ha="center", va="top", fontsize=7, wrap=True)
     return fig

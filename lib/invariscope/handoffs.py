@@ -7,6 +7,7 @@ file (under ``runs/<profile>/``)      written by       read by
 ``vae/<name>/report.json``            02_vae           02b_figure4 (``vae_reconstruction.csv``)
 ``invariances/<d>_controls.json``     04_invariances   04b_figure5_controls (``controls.csv``)
 ``embedding/summary.json``            05_embedding     the workflow (the stage's output)
+``optimized/<d>_summary.json``        07_optimized     the workflow (the stage's output)
 ====================================  ===============  ==========================================
 
 Every writer is atomic; every reader says which notebook to run when its file is missing.
@@ -27,7 +28,8 @@ from invariscope import atomic
 from invariscope.names import UNCONDITIONAL
 
 __all__ = ["write_test_metrics", "read_test_metrics", "write_vae_report", "read_vae_report",
-           "write_controls", "read_controls", "write_embedding_summary", "read_embedding_summary"]
+           "write_controls", "read_controls", "write_embedding_summary", "read_embedding_summary",
+           "write_optimized_summary"]
 
 
 def _missing(path: Path, notebook: str, stage: str) -> FileNotFoundError:
@@ -96,3 +98,11 @@ def read_embedding_summary(emb_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise _missing(path, "05_embedding.ipynb", "embedding")
     return json.loads(path.read_text())
+
+
+def write_optimized_summary(summary: Mapping[str, Any], opt_dir: str | Path) -> Path:
+    """``<opt_dir>/<summary["denoiser"]>_summary.json``: what 07_optimized_invariances computed for
+    one denoiser (crops, seconds per method, the change measures)."""
+    path = Path(opt_dir) / f"{summary['denoiser']}_summary.json"
+    atomic.write_json(path, dict(summary))
+    return path

@@ -36,7 +36,9 @@ class Stage:
 
     ``extra_runs``: further values of the notebook's ``denoiser`` parameter that a per-denoiser
     stage also runs, before the denoisers (e.g. ``"unconditional"`` for the VAE stage);
-    ``spatial_extra_runs``: more of them with ``vae.latent: spatial`` (the spatial unconditional VAE).
+    ``spatial_extra_runs``: more of them with ``vae.latent: spatial`` (the spatial unconditional VAE);
+    ``subset``: a params section that lists the denoisers the stage runs for (``<section>.denoisers``;
+    a profile without that section skips the stage, see :func:`subsets`).
     """
 
     name: str
@@ -45,6 +47,7 @@ class Stage:
     per_denoiser: bool = False
     extra_runs: tuple[str, ...] = ()
     spatial_extra_runs: tuple[str, ...] = ()
+    subset: str | None = None
 
 
 #: ``sections``: the params sections a stage reads itself; what its upstream stages read reaches
@@ -66,11 +69,17 @@ STAGES: tuple[Stage, ...] = (
     Stage("figure5", "04b_figure5_controls.ipynb", ("invariances",)),
     Stage("embedding", "05_embedding.ipynb", ("seed", "precision", "vae", "embedding")),
     Stage("analysis", "06_analysis.ipynb", ("vae", "invariances", "embedding", "analysis")),
+    Stage("optimized", "07_optimized_invariances.ipynb",
+          ("seed", "loader", "vae", "invariances", "optimized", "natural"), per_denoiser=True,
+          subset="optimized"),
+    Stage("methods", "07b_invariance_methods.ipynb",
+          ("vae", "invariances", "analysis", "optimized", "natural"), subset="optimized"),
 )
 
 #: Outputs listed (and tables printed) at the end of a run.
 RESULTS = ("table1.md", "figure3.png", "figure4.png", "vae_reconstruction.csv", "figure5.png",
-           "controls.csv", "table2.md", "figure6.png", "figure7.png")
+           "controls.csv", "table2.md", "figure6.png", "figure7.png", "invariance_methods.md",
+           "invariance_methods.png", "figure5_output_sd.png")
 
 
 @dataclass(frozen=True)
@@ -91,11 +100,23 @@ class Job:
         return f"{stem}_{self.denoiser}.ipynb" if self.denoiser else f"{stem}.ipynb"
 
 
+def subsets(params: Params) -> dict[str, list[str]]:
+    """Per params section that a stage's ``subset`` names: the denoisers it lists (absent when the
+    profile has no such section: its stages are skipped)."""
+    out = {}
+    if params.optimized is not None:
+        out["optimized"] = list(params.optimized.denoisers)
+    return out
+
+
 def plan(profile: str, data_root: str | None, only: str | None, start: str | None,
-         denoisers: list[str], spatial: bool = False) -> list[Job]:
+         denoisers: list[str], spatial: bool = False,
+         subset_denoisers: dict[str, list[str]] | None = None) -> list[Job]:
     """The jobs of a run, in order (per-denoiser stages once for each of their ``extra_runs``
     (and ``spatial_extra_runs`` when ``spatial``: ``vae.latent: spatial``), then once for each of
-    ``denoisers``)."""
+    ``denoisers``). A stage with a ``subset`` runs only when ``subset_denoisers`` (:func:`subsets`)
+    has its section, and per denoiser only for those of ``denoisers`` the section lists."""
+    subset_denoisers = subset_denoisers or {}
     names = [s.name for s in STAGES]
     for flag, value in (("--only", only), ("--from", start)):
         if value is not None and value not in names:
@@ -108,9 +129,12 @@ def plan(profile: str, data_root: str | None, only: str | None, start: str | Non
     params = {"profile": profile, "data_root": data_root or ""}
     jobs = []
     for s in stages:
+        if s.subset is not None and s.subset not in subset_denoisers:
+            continue
         if s.per_denoiser:
             extra = list(s.extra_runs) + (list(s.spatial_extra_runs) if spatial else [])
-            runs = extra + [d for d in denoisers if d not in extra]
+            runs = extra + [d for d in denoisers if d not in extra and (
+                s.subset is None or d in subset_denoisers[s.subset])]
             jobs += [Job(s, d, {**params, "denoiser": d}) for d in runs]
         else:
             jobs.append(Job(s, None, dict(params)))
@@ -205,6 +229,7 @@ WEIGHT_KEYS: dict[str, tuple[str, ...]] = {
     "denoiser": ("denoisers.vgg_weights",),
     "vae": ("vae.imagenet_weights", "vae.vgg16_weights"),
     "embedding": ("embedding.imagenet_weights",),
+    "optimized": ("optimized.vgg16_weights",),
 }
 
 
@@ -216,7 +241,7 @@ def missing_weights(jobs: list[Job], params: Params) -> list[str]:
     for key in dict.fromkeys(k for j in jobs for k in WEIGHT_KEYS.get(j.stage.name, ())
                              if j.stage.name != "denoiser" or j.denoiser == "wganvgg"):
         section, name = key.split(".")
-        setting = getattr(getattr(params, section), name)
+        setting = getattr(getattr(params, section), name, None)
         if setting is not None and not (path := resolve_setting(setting, params.source_file)).is_file():
             out.append(f"{key} = {setting!r}: no file {path} ({RELATIVE_RULE})")
     return out
@@ -326,8 +351,9 @@ def run(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     spatial = params.vae.latent == "spatial"
-    full = plan(args.profile, args.data, None, None, list(params.denoisers.methods), spatial)
-    jobs = plan(args.profile, args.data, args.only, args.start, denoisers, spatial)
+    full = plan(args.profile, args.data, None, None, list(params.denoisers.methods), spatial,
+                subsets(params))
+    jobs = plan(args.profile, args.data, args.only, args.start, denoisers, spatial, subsets(params))
     if args.until:
         names = [st.name for st in STAGES]
         if args.until not in names:
@@ -463,8 +489,8 @@ def _run_job(spec: str, profile: str, data: str | None, params: Params) -> int:
 
     name, _, denoiser = spec.partition(":")
     spatial = params.vae.latent == "spatial"
-    job = next((j for j in plan(profile, data, None, None, list(params.denoisers.methods), spatial)
-                if j.stage.name == name and (j.denoiser or "") == denoiser), None)
+    every = plan(profile, data, None, None, list(params.denoisers.methods), spatial, subsets(params))
+    job = next((j for j in every if j.stage.name == name and (j.denoiser or "") == denoiser), None)
     if job is None:
         print(f"error: no job {spec} in profile {params.profile}", file=sys.stderr)
         return 2

@@ -56,7 +56,8 @@ __all__ = [
 #: Format of the stored invariance sets (:func:`invariance_key`).
 INVARIANCE_FORMAT = 1
 #: Sub-folders of ``runs/<profile>/`` per stage.
-STAGE_DIRS = ("denoisers", "vae", "cinn", "invariances", "embedding", "analysis", "pools")
+STAGE_DIRS = ("denoisers", "vae", "cinn", "invariances", "embedding", "analysis", "pools", "optimized",
+              "natural")
 
 
 # --------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from typing import Any
 
 from invariscope.config.params import Params, load_params
 from invariscope.config.paths import repo_root
-from invariscope.pipeline import STAGES, Job, Stage, custom_identities, plan, stamps, upstream
+from invariscope.pipeline import STAGES, Job, Stage, custom_identities, plan, stamps, subsets, upstream
 
 #: Methods with a training loop (their denoiser job writes ``best.pt``).
 TRAINED = ("cnn10", "redcnn", "wganvgg", "dugan")
@@ -40,6 +40,10 @@ PRODUCTS: dict[str, tuple[str, ...]] = {
     "figure5": ("{F}/figure5.png", "{F}/controls.csv"),
     "embedding": ("{R}/embedding/summary.json",),
     "analysis": ("{F}/table2.md", "{F}/table2.csv", "{F}/figure6.png", "{F}/figure7.png"),
+    "optimized": ("{R}/optimized/{d}_summary.json",),
+    "methods": ("{F}/invariance_methods.csv", "{F}/invariance_methods.md",
+                "{F}/invariance_methods_controls.csv", "{F}/invariance_methods.png",
+                "{F}/figure5_output_sd.png"),
 }
 
 
@@ -85,7 +89,8 @@ class Workflow:
         overrides = {"data.source": "mayo", "data.mayo_root": data} if data else {}
         params = load_params(profile, overrides)
         spatial = params.vae.latent == "spatial"
-        jobs = plan(profile, data or None, None, None, list(params.denoisers.methods), spatial)
+        jobs = plan(profile, data or None, None, None, list(params.denoisers.methods), spatial,
+                    subsets(params))
         dump = params.model_dump(mode="json")
         return cls(params, profile, data, jobs, stamps(jobs, dump, custom_identities(params)),
                    max(1, int(config.get("threads", 1))))
@@ -111,6 +116,10 @@ class Workflow:
     def inputs(self, stage_name: str, denoiser: str | None = None) -> list[str]:
         """Input files of a job: the outputs of its upstream jobs."""
         return [f for j in self.upstream(self.job(stage_name, denoiser)) for f in self.outputs(j)]
+
+    def has(self, stage_name: str) -> bool:
+        """Whether the profile runs the stage at all (a stage with a ``subset`` may be skipped)."""
+        return any(j.stage.name == stage_name for j in self.jobs)
 
     def stamp(self, stage_name: str, denoiser: str | None = None) -> str:
         return self.stamps[self.job(stage_name, denoiser).label]

@@ -551,6 +551,79 @@ class AnalysisParams(_Section):
         return self
 
 
+class OptimizedParams(_Section):
+    """Invariances found by optimization in the input (talk 003; ``07_optimized_invariances.ipynb``):
+    x_inv = argmin_x' d(f(x), f(x')) − α · min(d(x, x'), bound), x' from x + N(0, init_sd²), Adam.
+
+    The crops are the first ``n_crops`` of the invariance stage's test crops, so the cINN's sets
+    and these are compared on the same crops. Talk: 3,000 Adam iterations, distances MSE
+    (bounded by +1), (1 − SSIM) / 2 and ImageNet VGG16 features.
+    """
+
+    denoisers: tuple[str, ...] = Field(
+        min_length=1, description="methods of denoisers.methods whose invariances are optimized "
+        "(the talk: cnn10, wganvgg, gaussri)")
+    n_crops: int = Field(ge=1, description="the first n of the invariance stage's test crops "
+                         "(<= invariances.n_crops)")
+    restarts: int = Field(1, ge=1, description="independent starting points per crop (invariances "
+                          "per crop)")
+    batch_crops: int = Field(ge=1, description="crops optimized together (one checkpoint folder each)")
+    distances: tuple[Literal["mse", "ssim", "vgg"], ...] = Field(
+        min_length=1, description="the distances d: mse, ssim ((1 - SSIM) / 2), vgg (VGG16 features)")
+    alpha: dict[Literal["mse", "ssim", "vgg"], float] = Field(
+        description="α per distance: the weight of the input change (one entry per distance)")
+    bound: float = Field(1.0, gt=0, description="d(x, x') counts up to this value (the talk: MSE "
+                         "bounded by +1, normalized units)")
+    init_sd: float = Field(0.01, ge=0, description="SD of the starting perturbation, normalized units "
+                           "(the talk's N(0, 10^-2), read as SD 0.01 = 5 HU)")
+    iterations: int = Field(ge=1, description="Adam steps (the talk: 3000)")
+    lr: float = Field(gt=0, description="Adam learning rate (normalized units per step)")
+    ssim_range_hu: float = Field(1500.0, gt=0, description="data range of SSIM in HU (the lung "
+                                 "window's width)")
+    vgg_layers: tuple[str, ...] = Field(("relu1_2", "relu2_2"), min_length=1,
+                                        description="VGG16 layers of the vgg distance")
+    vgg16_weights: str | None = Field(
+        None, description="torchvision vgg16-397923af.pth (relative to the repo root or absolute); "
+        "null = a fixed random VGG16 (not the talk's ImageNet network)")
+    checkpoint_every: int = Field(100, ge=1, description="steps between last.pt checkpoints")
+    seed: int = Field(0, description="seed of the starting perturbations")
+
+    @model_validator(mode="after")
+    def _check(self) -> "OptimizedParams":
+        missing = [d for d in self.distances if d not in self.alpha]
+        if missing:
+            raise ValueError(f"alpha has no value for {', '.join(missing)}: give one per distance "
+                             f"({', '.join(self.distances)})")
+        if any(a <= 0 for a in self.alpha.values()):
+            raise ValueError(f"alpha values must be > 0, got {dict(self.alpha)}")
+        return self
+
+
+class NaturalParams(_Scheduled):
+    """Natural (on-manifold) invariances (talk 003): a conditional generator x_inv = G(x, z) trained
+    per denoiser with a Wasserstein critic on low-dose patches, against
+    MSE(f(x), f(x_inv)) − α · min(MSE(x, x_inv), bound) − λ_adv · critic(x_inv)."""
+
+    iterations: int = Field(ge=1, description="generator steps")
+    batch_size: int = Field(ge=1, description="low-dose training patches per step")
+    patch_size: int = Field(ge=16, description="training patch side in px (the talk: 80)")
+    lr: float = Field(gt=0, description="Adam learning rate of the generator")
+    critic_lr: float = Field(gt=0, description="Adam learning rate of the critic")
+    beta1: float = Field(0.5, ge=0, lt=1, description="Adam beta1 (both networks)")
+    beta2: float = Field(0.9, gt=0, lt=1, description="Adam beta2 (both networks)")
+    critic_steps: int = Field(1, ge=1, description="critic updates per generator step")
+    gp_weight: float = Field(10.0, ge=0, description="WGAN-GP weight")
+    alpha: float = Field(gt=0, description="weight of the input change MSE(x, x_inv)")
+    bound: float = Field(1.0, gt=0, description="MSE(x, x_inv) counts up to this value")
+    lambda_adv: float = Field(ge=0, description="weight of the critic's score in the generator loss")
+    width: int = Field(ge=4, description="generator channels at full resolution")
+    noise_channels: int = Field(ge=1, description="channels of the generator's noise z ~ N(0, 1)")
+    critic_width: int = Field(ge=4, description="critic channels of its first layer")
+    n_samples: int = Field(ge=1, description="invariances per test crop (draws of z)")
+    n_val_crops: int = Field(ge=1, description="fixed validation crops of the objective that picks best.pt")
+    seed: int = Field(0, description="seed of the generator's initial weights and of z")
+
+
 class StageResources(_Section):
     """What one job asks a cluster for (``./run_all.sh --executor slurm``)."""
 
@@ -596,7 +669,7 @@ class ClusterParams(_Section):
 class Params(_Section):
     """All parameters of one profile."""
 
-    off_values: ClassVar[dict[str, Any]] = {"precision": "fp32"}
+    off_values: ClassVar[dict[str, Any]] = {"precision": "fp32", "optimized": None, "natural": None}
 
     seed: int = 1332
     device: str = Field("auto", description="where the networks run: 'auto' (a CUDA GPU when torch "
@@ -614,6 +687,12 @@ class Params(_Section):
     invariances: InvariancesParams
     embedding: EmbeddingParams
     analysis: AnalysisParams
+    optimized: OptimizedParams | None = Field(
+        None, description="invariances by optimization in the input (07_optimized_invariances.ipynb); "
+        "null: that stage and its summary are not run")
+    natural: NaturalParams | None = Field(
+        None, description="natural invariances of a trained generator (07_optimized_invariances.ipynb; "
+        "needs optimized); null: not trained")
     cluster: ClusterParams = Field(default_factory=ClusterParams)
 
     @field_validator("device")
@@ -631,6 +710,22 @@ class Params(_Section):
             raise ValueError(f"analysis.reference {self.analysis.reference!r} is not in denoisers.methods; "
                              f"set it to one of {', '.join(self.denoisers.methods)} (the method Table 2 "
                              "tests against the others)")
+        return self
+
+    @model_validator(mode="after")
+    def _check_optimized(self) -> "Params":
+        opt = self.optimized
+        if opt is None:
+            if self.natural is not None:
+                raise ValueError("natural needs an optimized section (its denoisers and crops)")
+            return self
+        extra = [d for d in opt.denoisers if d not in self.denoisers.methods]
+        if extra:
+            raise ValueError(f"optimized.denoisers {', '.join(extra)}: not in denoisers.methods "
+                             f"({', '.join(self.denoisers.methods)})")
+        if opt.n_crops > self.invariances.n_crops:
+            raise ValueError(f"optimized.n_crops {opt.n_crops} must be <= invariances.n_crops "
+                             f"{self.invariances.n_crops} (the same test crops as the cINN's)")
         return self
 
     @model_validator(mode="after")
