@@ -409,11 +409,13 @@ def output_sd(results_by_denoiser: Mapping[str, Mapping[str, np.ndarray]], crop_
         axes[r, 0].set_ylabel(LABELS.get(name, name), fontsize=9)
     for c, title in enumerate(["x (low dose)", "SD over x̃", "SD over f(x̃)"]):
         axes[0, c].set_title(title, fontsize=9)
-    fig.subplots_adjust(left=0.08, right=0.86, top=0.94, bottom=0.03, wspace=0.05, hspace=0.05)
+    fig.subplots_adjust(left=0.08, right=0.98, top=0.94, bottom=0.09, wspace=0.05, hspace=0.05)
     for k, (im, label) in enumerate(zip(ims, ["SD over x̃ (HU)", "SD over f(x̃) (HU)"])):
-        fig.colorbar(im, ax=list(axes[:, k + 1]), fraction=0.05, pad=0.01, label=label)
+        box = axes[-1, k + 1].get_position()
+        cax = fig.add_axes((box.x0, box.y0 - 0.035, box.width, 0.012))
+        fig.colorbar(im, cax=cax, orientation="horizontal", label=label)
     n = np.asarray(next(iter(results_by_denoiser.values()))["x_tilde"]).shape[1]
-    fig.text(0.47, 0.0, f"Figure 5, extended. Crop {crop_index}: per-pixel SD over the cINN's {n} "
+    fig.text(0.53, -0.02, f"Figure 5, extended. Crop {crop_index}: per-pixel SD over the cINN's {n} "
              f"invariances x̃ ({sd_range[0]:.0f}–{sd_range[1]:.0f} HU) and over their outputs f(x̃) "
              f"({out_range[0]:.0f}–{out_range[1]:.0f} HU, another scale): what the input may vary "
              "against what reaches the output (dashed: Gauss+RI's blind square).",
