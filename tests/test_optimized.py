@@ -266,7 +266,7 @@ def test_controls_of_the_optimized_rows():
 # Params and plan
 # --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("override,match", [
-    ({"optimized.denoisers": ["cnn10", "mine"]}, "not in denoisers.methods"),
+    ({"optimized.denoisers": ["cnn10", "mine"]}, "optimized.denoisers mine: unknown"),
     ({"optimized.n_crops": 999}, "must be <= invariances.n_crops"),
     ({"optimized.alpha.vgg": -1.0}, "alpha values must be > 0"),
     ({"optimized.distances": ["mse", "l2"]}, "optimized.distances"),
@@ -285,6 +285,10 @@ def test_the_new_stages_run_for_the_listed_denoisers_only():
     jobs = pipeline.plan("smoke", None, None, None, methods_, True, pipeline.subsets(params))
     assert [j.denoiser for j in jobs if j.stage.name == "optimized"] == ["cnn10", "wganvgg", "gaussri"]
     assert [j.label for j in jobs if j.stage.name == "methods"] == ["methods"]
+    fewer = load_params("smoke", {"denoisers.methods": ["gaussri", "redcnn"],
+                                  "analysis.reference": "redcnn"})
+    jobs = pipeline.plan("smoke", None, None, None, ["gaussri", "redcnn"], True, pipeline.subsets(fewer))
+    assert [j.denoiser for j in jobs if j.stage.name == "optimized"] == ["gaussri"]
     without = load_params("smoke", {"optimized": None, "natural": None})
     jobs = pipeline.plan("smoke", None, None, None, methods_, True, pipeline.subsets(without))
     assert not [j for j in jobs if j.stage.name in ("optimized", "methods")]

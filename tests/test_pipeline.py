@@ -481,7 +481,7 @@ def test_slurm_dry_run_lists_jobs_with_their_requests(tmp_path, capfd):
     out = capfd.readouterr().out
     assert "--executor slurm" in out and "--retries 2" in out and "--keep-going" in out
     blocks = out.split("rule ")[1:]
-    assert len(blocks) == 27
+    assert len(blocks) == 33  # 27 of the paper, 5 optimized and the methods summary (talk 003)
     den = next(b for b in blocks if b.startswith("denoiser:") and "denoiser=dugan" in b)
     assert "runtime=4320" in den and "gpu=1" in den and "mem_mb=64000" in den
     table = next(b for b in blocks if b.startswith("table1:"))

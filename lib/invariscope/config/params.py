@@ -561,8 +561,8 @@ class OptimizedParams(_Section):
     """
 
     denoisers: tuple[str, ...] = Field(
-        min_length=1, description="methods of denoisers.methods whose invariances are optimized "
-        "(the talk: cnn10, wganvgg, gaussri)")
+        min_length=1, description="denoisers whose invariances are optimized, those of "
+        "denoisers.methods among them (the talk: cnn10, wganvgg, gaussri)")
     n_crops: int = Field(ge=1, description="the first n of the invariance stage's test crops "
                          "(<= invariances.n_crops)")
     restarts: int = Field(1, ge=1, description="independent starting points per crop (invariances "
@@ -647,7 +647,7 @@ class ClusterParams(_Section):
     @model_validator(mode="after")
     def _check_stages(self) -> "ClusterParams":
         names = ("data", "denoiser", "table1", "vae", "figure4", "cinn", "invariances", "figure5",
-                 "embedding", "analysis")
+                 "embedding", "analysis", "optimized", "methods")
         unknown = [k for k in self.stages if k not in names]
         if unknown:
             raise ValueError(f"cluster.stages: unknown stage(s) {', '.join(unknown)}; stages are "
@@ -719,10 +719,10 @@ class Params(_Section):
             if self.natural is not None:
                 raise ValueError("natural needs an optimized section (its denoisers and crops)")
             return self
-        extra = [d for d in opt.denoisers if d not in self.denoisers.methods]
-        if extra:
-            raise ValueError(f"optimized.denoisers {', '.join(extra)}: not in denoisers.methods "
-                             f"({', '.join(self.denoisers.methods)})")
+        unknown = [d for d in opt.denoisers if d not in self.denoisers.names]
+        if unknown:  # names outside denoisers.methods are skipped (a profile may run fewer)
+            raise ValueError(f"optimized.denoisers {', '.join(unknown)}: unknown; allowed: "
+                             f"{', '.join(self.denoisers.names)}")
         if opt.n_crops > self.invariances.n_crops:
             raise ValueError(f"optimized.n_crops {opt.n_crops} must be <= invariances.n_crops "
                              f"{self.invariances.n_crops} (the same test crops as the cINN's)")
