@@ -30,6 +30,7 @@ from invariscope.config.params import Params, digest
 from invariscope.data.dataset import CTDataset
 from invariscope.data.loader import CropSpec, Normalizer, fixed_crops
 from invariscope.device import module_device
+from invariscope.provenance import checkpoint_sha
 from invariscope.evaluation.distances import mse
 from invariscope.models.natural import NaturalGenerator, PatchCritic
 from invariscope.stages.denoiser_training import gradient_penalty
@@ -145,7 +146,7 @@ def train_natural(name: str, f: nn.Module, params: Params, dataset: CTDataset, o
     best_step = load_best(ckpt_dir, {"generator": gen}, fp)
     gen.eval()
     return TrainedNatural(gen, result.best_step or best_step, result.best_metric, result.history,
-                          time.time() - t0, f"{fp}:{atomic.file_sha(ckpt_dir / 'best.pt')}")
+                          time.time() - t0, f"{fp}:{checkpoint_sha(ckpt_dir / 'best.pt')}")
 
 
 @torch.no_grad()
