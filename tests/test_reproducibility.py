@@ -138,3 +138,24 @@ def test_committed_hash_check(tiny, tmp_path: Path):
     assert not ok and "ffffffffffffffff" in msg and ds.content_hash in msg
     csv.write_text(f",value\n{cohort.HASH_ROW},ffffffffffffffff\n{cohort.KEY_ROW},other\n")
     assert cohort.committed_hash_check(ds, params.data, csv)[0]
+
+
+def test_committed_hash_check_reads_git_when_the_file_is_gone(tiny, tmp_path: Path, monkeypatch):
+    """Snakemake deletes data_physics.csv before the data job: the check reads git's HEAD copy."""
+    import subprocess
+
+    params, ds = tiny
+    root = tmp_path / "repo"
+    (root / "params").mkdir(parents=True)
+    csv = root / "figures" / "tiny" / "data_physics.csv"
+    csv.parent.mkdir(parents=True)
+    key = simulation_key(params.data)
+    csv.write_text(f",value\n{cohort.HASH_ROW},ffffffffffffffff\n{cohort.KEY_ROW},{key}\n")
+    git = ["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(git[:3] + ["init", "-q"], check=True)
+    subprocess.run(git + ["add", "."], check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "x"], check=True)
+    csv.unlink()
+    monkeypatch.setenv("INVARISCOPE_ROOT", str(root))
+    ok, msg = cohort.committed_hash_check(ds, params.data, csv)
+    assert not ok and "ffffffffffffffff" in msg

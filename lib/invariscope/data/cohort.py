@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from invariscope.config.params import DataParams, Params, SimulationParams
-from invariscope.config.paths import RELATIVE_RULE, data_dir, resolve_setting
+from invariscope.config.paths import RELATIVE_RULE, data_dir, repo_root, resolve_setting
 from invariscope.data import ctsim, phantom
 from invariscope.data.dataset import CTDataset, DatasetError, DatasetWriter
 from invariscope.data.mayo import import_mayo
@@ -192,9 +193,26 @@ def noise_check(sim: SimulationParams, n_repeats: int = 4, seed: int = 0) -> dic
 HASH_ROW, KEY_ROW = "cohort content hash", "cohort parameters key"
 
 
+def _committed_rows(csv_file: Path) -> dict[str, str] | None:
+    """The rows of ``csv_file``, or of its committed version (``git show HEAD:<file>``) when the
+    file is gone: Snakemake deletes a job's outputs before it runs the job."""
+    try:
+        return dict(csv.reader(csv_file.open()))
+    except (OSError, ValueError):
+        pass
+    try:
+        rel = csv_file.resolve().relative_to(repo_root())
+        out = subprocess.run(["git", "-C", str(repo_root()), "show", f"HEAD:{rel.as_posix()}"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+        return dict(csv.reader(out.splitlines()))
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+
+
 def committed_hash_check(dataset: CTDataset, data: DataParams, csv_file: Path) -> tuple[bool, str]:
     """Compare a simulated cohort's content hash with the one recorded in ``csv_file`` (the
-    committed ``figures/<profile>/data_physics.csv``, read before this run overwrites it).
+    committed ``figures/<profile>/data_physics.csv``, read before this run overwrites it, or from
+    git's HEAD when the file is missing).
 
     Returns (ok, message). ``ok`` is False only when the file records the same simulation
     parameters (:func:`~invariscope.provenance.simulation_key`) but another hash: the cohort should have come out
@@ -202,9 +220,8 @@ def committed_hash_check(dataset: CTDataset, data: DataParams, csv_file: Path) -
     """
     if dataset.source != "simulated":
         return True, "Mayo data: no committed hash to compare with"
-    try:
-        rows = dict(csv.reader(csv_file.open()))
-    except (OSError, ValueError):
+    rows = _committed_rows(csv_file)
+    if rows is None:
         return True, f"no committed {csv_file.name} to compare the cohort hash with"
     if rows.get(KEY_ROW) != simulation_key(data) or HASH_ROW not in rows:
         return True, f"{csv_file.name} records another cohort (other data parameters): not compared"
