@@ -39,7 +39,7 @@ def test_executed_notebooks_show_their_figures():
     folder = repo_root() / "runs" / "smoke" / "notebooks"
     executed = sorted(p for p in folder.glob("*.ipynb") if ".running" not in p.name
                       and ".failed" not in p.name)
-    assert len(executed) == 32  # 28 of the paper and talk 003's 3 optimized + methods
+    assert len(executed) == 34  # 28 of the paper, talk 003's 3 optimized + methods, talk 002's 2
     for path in executed:
         cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
         drawing = [c for c in cells if "plt.show()" in "".join(c["source"])]

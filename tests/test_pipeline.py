@@ -175,7 +175,7 @@ ALL_SMOKE = {j.label for j in pipeline.plan("smoke", None, None, None,
 
 def test_dag_of_each_profile_is_the_stage_list(fake_root, capfd):
     """A dry run of a fresh root lists every job of the plan, once, with its rule and wildcard."""
-    assert _dry(capfd) == ALL_SMOKE and len(ALL_SMOKE) == 32
+    assert _dry(capfd) == ALL_SMOKE and len(ALL_SMOKE) == 34
     assert pipeline.run(["--profile", "paper", "--data", str(fake_root[0]), "--dry-run"]) == 0
     paper = _planned(capfd.readouterr().out)
     assert "vae[unconditional_spatial]" not in paper and "vae[unconditional]" in paper
@@ -265,13 +265,14 @@ def test_params_changes_rerun_exactly_the_stages_that_read_them(fake_root, capfd
     assert _planned(capfd.readouterr().out) == {
         *(f"cinn[{m}]" for m in methods), *(f"invariances[{m}]" for m in methods), "figure5",
         "embedding", "analysis", "optimized[cnn10]", "optimized[wganvgg]", "optimized[gaussri]",
-        "methods"}
+        "methods", "layerwise[cnn10]", "layerwise_summary"}
     prof.write_text("base: smoke\nrun_name: smoke\ndenoisers:\n  cnn10: {iterations: 21, "
                     "batch_size: 4, patch_size: 32, lr: 1.0e-3}\n")
     assert pipeline.run(["--profile", str(prof), "--dry-run"]) == 0
     assert _planned(capfd.readouterr().out) == {
         "denoiser[cnn10]", "vae[cnn10]", "cinn[cnn10]", "invariances[cnn10]", "table1", "figure4",
-        "figure5", "embedding", "analysis", "optimized[cnn10]", "methods"}
+        "figure5", "embedding", "analysis", "optimized[cnn10]", "methods", "layerwise[cnn10]",
+        "layerwise_summary"}
 
 
 def test_force_with_denoisers_keeps_the_shared_extra_runs(fake_root):

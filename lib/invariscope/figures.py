@@ -421,3 +421,81 @@ def output_sd(results_by_denoiser: Mapping[str, Mapping[str, np.ndarray]], crop_
              "against what reaches the output (dashed: Gauss+RI's blind square).",
              ha="center", va="top", fontsize=7, wrap=True)
     return fig
+
+
+def layerwise(sets: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]],
+              table: pd.DataFrame, crop_index: int = 0, n_show: int = 3,
+              window: tuple[float, float] = LUNG_WINDOW, sd_max: float | None = None,
+              cell_inches: float = 1.5, target: bool = False) -> Figure:
+    """Layer-wise invariances (talk 002): per denoiser and layer one row, x (ỹ: y and f(x)),
+    ``n_show`` invariances and the per-pixel SD over all of them; below, the mean invariance SD
+    and mean |x̃ − x| against depth (from ``table``, ``layerwise.csv``; not for ``target``)."""
+    rows = [(d, layer) for d, by_layer in sets.items() for layer in by_layer]
+    if not rows:
+        raise ValueError("no sets given")
+    lead = 2 if target else 1
+    n_cols = lead + n_show + 1
+    n_rows = len(rows) + (0 if target else 1)
+    fig = plt.figure(figsize=(cell_inches * n_cols, cell_inches * n_rows + (0.6 if target else 1.2)))
+    grid = fig.add_gridspec(n_rows, n_cols, height_ratios=[1] * len(rows) + ([] if target else [1.3]),
+                            left=0.08, right=0.9, top=0.95, bottom=0.1 if not target else 0.14,
+                            wspace=0.05, hspace=0.12)
+    lo, hi = window_limits(*window)
+    sds = [invariance_sd(np.asarray(sets[d][l]["x_tilde"][crop_index:crop_index + 1]))[0]
+           for d, l in rows]
+    vmax = sd_max if sd_max is not None else float(max(np.percentile(s, 99) for s in sds))
+    im_sd = None
+    for r, ((d, layer), sd) in enumerate(zip(rows, sds)):
+        res = sets[d][layer]
+        lead_images = ([res["y"][crop_index], res["y_hat"][crop_index]] if target
+                       else [res["x"][crop_index]])
+        images = lead_images + [np.asarray(res["x_tilde"][crop_index][k], np.float32)
+                                for k in range(min(n_show, res["x_tilde"].shape[1]))]
+        for c in range(n_cols):
+            ax = fig.add_subplot(grid[r, c])
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c < len(images):
+                ax.imshow(images[c], cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+            elif c == n_cols - 1:
+                im_sd = ax.imshow(sd, cmap="magma", vmin=0, vmax=vmax, interpolation="nearest")
+            else:
+                ax.axis("off")
+            if c == 0:
+                ax.set_ylabel(f"{LABELS.get(d, d)}\n{layer}", fontsize=7)
+            if r == 0:
+                tilde = "ỹ" if target else "x̃"
+                titles = (["y (high dose)", "f(x)"] if target else ["x (low dose)"]) + \
+                    [f"{tilde} {k + 1}" for k in range(n_show)] + [f"SD of {tilde}"]
+                ax.set_title(titles[c], fontsize=8)
+    if im_sd is not None:
+        top = fig.axes[0].get_position().y1
+        bottom = fig.axes[(len(rows) - 1) * n_cols].get_position().y0
+        fig.colorbar(im_sd, cax=fig.add_axes((0.915, bottom, 0.012, top - bottom)),
+                     label="SD over invariances (HU)")
+    if not target:
+        for k, (col, label) in enumerate((("invariance_sd_hu", "mean invariance SD (HU)"),
+                                          ("input_change_hu", "mean |x̃ − x| (HU)"))):
+            ax = fig.add_subplot(grid[len(rows), k * (n_cols // 2):(k + 1) * (n_cols // 2)])
+            for d, part in table.groupby("denoiser", sort=False):
+                part = part.sort_values("depth")
+                rel = (part["depth"] + 1) / len(part)
+                ax.plot(rel, part[col], marker="o", label=LABELS.get(d, d))
+                for x_, y_, name in zip(rel, part[col], part["layer"]):
+                    ax.annotate(name, (x_, y_), fontsize=5, xytext=(2, 2), textcoords="offset points")
+            ax.set_xlabel("depth (layer / layers listed)", fontsize=7)
+            ax.set_ylabel(label, fontsize=7)
+            ax.tick_params(labelsize=6)
+            ax.set_xlim(0, 1.08)
+            if k == 0:
+                ax.legend(fontsize=6)
+    c, w = window
+    what = ("High-dose images ỹ = D_y(t⁻¹(v | Φ_l(x)), f(x)) that the denoiser's representation at "
+            "layer l cannot tell apart from the crop's, beside the true high-dose y and the output f(x)"
+            if target else
+            "Layer-wise invariances x̃ = D(t⁻¹(v | Φ_l(x)), f(x)): inputs the representation Φ_l after "
+            "layer l cannot tell apart from x; each row a cINN conditioned on that layer. Below: mean SD "
+            "over invariances and mean |x̃ − x| against depth (expected never to shrink)")
+    fig.text(0.5, 0.005, f"{what}. Test crop {crop_index}, C = {c:.0f} HU, W = {w:.0f} HU.",
+             ha="center", va="bottom", fontsize=7, wrap=True)
+    return fig

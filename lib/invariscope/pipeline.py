@@ -74,12 +74,17 @@ STAGES: tuple[Stage, ...] = (
           subset="optimized"),
     Stage("methods", "07b_invariance_methods.ipynb",
           ("vae", "invariances", "analysis", "optimized", "natural"), subset="optimized"),
+    Stage("layerwise", "08_layerwise.ipynb",
+          ("seed", "precision", "vae", "cinn", "invariances", "layerwise"), per_denoiser=True,
+          subset="layerwise"),
+    Stage("layerwise_summary", "08b_layerwise_summary.ipynb", ("layerwise",), subset="layerwise"),
 )
 
 #: Outputs listed (and tables printed) at the end of a run.
 RESULTS = ("table1.md", "figure3.png", "figure4.png", "vae_reconstruction.csv", "figure5.png",
            "controls.csv", "table2.md", "figure6.png", "figure7.png", "invariance_methods.md",
-           "invariance_methods.png", "figure5_output_sd.png")
+           "invariance_methods.png", "figure5_output_sd.png", "layerwise.csv", "layerwise.png",
+           "layerwise_target.png")
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,8 @@ def subsets(params: Params) -> dict[str, list[str]]:
     out = {}
     if params.optimized is not None:
         out["optimized"] = list(params.optimized.denoisers)
+    if params.layerwise is not None:
+        out["layerwise"] = list(params.layerwise.denoisers)
     return out
 
 
@@ -150,6 +157,9 @@ def job_params(job: Job, params_dump: dict[str, Any]) -> dict[str, Any]:
         out["denoisers"] = {k: v for k, v in den.items() if k not in others | {"methods", "custom"}}
         if job.denoiser in den.get("custom", {}):
             out["denoisers"]["custom"] = den["custom"][job.denoiser]
+    lw = out.get("layerwise")
+    if job.stage.per_denoiser and isinstance(lw, dict):  # another denoiser's layers: not this job's
+        out["layerwise"] = {**lw, "denoisers": {job.denoiser: lw["denoisers"].get(job.denoiser)}}
     return out
 
 

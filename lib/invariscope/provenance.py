@@ -57,7 +57,7 @@ __all__ = [
 INVARIANCE_FORMAT = 1
 #: Sub-folders of ``runs/<profile>/`` per stage.
 STAGE_DIRS = ("denoisers", "vae", "cinn", "invariances", "embedding", "analysis", "pools", "optimized",
-              "natural")
+              "natural", "layerwise")
 
 
 # --------------------------------------------------------------------------------------

@@ -44,6 +44,8 @@ PRODUCTS: dict[str, tuple[str, ...]] = {
     "methods": ("{F}/invariance_methods.csv", "{F}/invariance_methods.md",
                 "{F}/invariance_methods_controls.csv", "{F}/invariance_methods.png",
                 "{F}/figure5_output_sd.png"),
+    "layerwise": ("{R}/layerwise/{d}_summary.json",),
+    "layerwise_summary": ("{F}/layerwise.csv", "{F}/layerwise.png"),
 }
 
 

@@ -624,6 +624,54 @@ class NaturalParams(_Scheduled):
     seed: int = Field(0, description="seed of the generator's initial weights and of z")
 
 
+class TargetDomainParams(_Section):
+    """Target-domain invariances (talk 002): a second spatial cVAE learned on high-dose crops y
+    (conditioned on ŷ = f(x) of their low-dose twins) and its cINNs conditioned on Φ_l(x): the
+    high-dose images the denoiser's representation cannot tell apart."""
+
+    denoisers: tuple[str, ...] = Field(min_length=1, description="denoisers with target-domain "
+                                       "invariances (those of layerwise.denoisers among them)")
+    layers: tuple[str, ...] = Field(("output",), min_length=1, description="layers the high-dose "
+                                    "cINNs are conditioned on (module paths, or output)")
+    vae_iterations: int = Field(ge=1, description="steps of the high-dose cVAE (its other settings: "
+                                "vae.spatial)")
+
+
+class LayerwiseParams(_Section):
+    """Layer-wise invariances (talk 002, after Rombach et al. 2020; ``08_layerwise.ipynb``): per
+    denoiser f = Ψ ∘ Φ_l and listed layer l, a cINN t(z | Φ_l(x)) on the cVAE's latents, sampled
+    like the output-level invariances on the first ``n_crops`` test crops."""
+
+    denoisers: dict[str, tuple[str, ...]] = Field(
+        description="per denoiser, its layers in forward order: module paths of the denoiser "
+        "(e.g. cnn10: [layers.1, layers.3, output]) or output; those of denoisers.methods run")
+    iterations: int | None = Field(
+        None, ge=1, description="cINN steps per layer (its other settings: cinn); null: "
+        "cinn.iterations, and the output layer reuses the trained cINN of 03_cinn.ipynb")
+    n_crops: int = Field(ge=1, description="the first n of the invariance stage's test crops "
+                         "(<= invariances.n_crops)")
+    n_invariances: int = Field(ge=2, description="invariances per crop and layer (the talk: 250)")
+    figure_crop: int = Field(0, ge=0, description="the crop shown in the figures (< n_crops)")
+    target: TargetDomainParams | None = Field(None, description="target-domain invariances; null: none")
+    seed: int = Field(0, description="seed of the invariances' draws")
+
+    @model_validator(mode="after")
+    def _check(self) -> "LayerwiseParams":
+        for den, layers in self.denoisers.items():
+            if not layers:
+                raise ValueError(f"layerwise.denoisers.{den}: list at least one layer")
+            if len(set(layers)) != len(layers):
+                raise ValueError(f"layerwise.denoisers.{den}: a layer is listed twice ({', '.join(layers)})")
+        if self.figure_crop >= self.n_crops:
+            raise ValueError(f"layerwise.figure_crop {self.figure_crop} must be < n_crops {self.n_crops}")
+        if self.target is not None:
+            missing = [d for d in self.target.denoisers if d not in self.denoisers]
+            if missing:
+                raise ValueError(f"layerwise.target.denoisers {', '.join(missing)}: not in "
+                                 f"layerwise.denoisers ({', '.join(self.denoisers)})")
+        return self
+
+
 class StageResources(_Section):
     """What one job asks a cluster for (``./run_all.sh --executor slurm``)."""
 
@@ -647,7 +695,7 @@ class ClusterParams(_Section):
     @model_validator(mode="after")
     def _check_stages(self) -> "ClusterParams":
         names = ("data", "denoiser", "table1", "vae", "figure4", "cinn", "invariances", "figure5",
-                 "embedding", "analysis", "optimized", "methods")
+                 "embedding", "analysis", "optimized", "methods", "layerwise", "layerwise_summary")
         unknown = [k for k in self.stages if k not in names]
         if unknown:
             raise ValueError(f"cluster.stages: unknown stage(s) {', '.join(unknown)}; stages are "
@@ -669,7 +717,8 @@ class ClusterParams(_Section):
 class Params(_Section):
     """All parameters of one profile."""
 
-    off_values: ClassVar[dict[str, Any]] = {"precision": "fp32", "optimized": None, "natural": None}
+    off_values: ClassVar[dict[str, Any]] = {"precision": "fp32", "optimized": None, "natural": None,
+                                            "layerwise": None}
 
     seed: int = 1332
     device: str = Field("auto", description="where the networks run: 'auto' (a CUDA GPU when torch "
@@ -693,6 +742,9 @@ class Params(_Section):
     natural: NaturalParams | None = Field(
         None, description="natural invariances of a trained generator (07_optimized_invariances.ipynb; "
         "needs optimized); null: not trained")
+    layerwise: LayerwiseParams | None = Field(
+        None, description="layer-wise and target-domain invariances (08_layerwise.ipynb); null: "
+        "that stage and its summary are not run")
     cluster: ClusterParams = Field(default_factory=ClusterParams)
 
     @field_validator("device")
@@ -726,6 +778,24 @@ class Params(_Section):
         if opt.n_crops > self.invariances.n_crops:
             raise ValueError(f"optimized.n_crops {opt.n_crops} must be <= invariances.n_crops "
                              f"{self.invariances.n_crops} (the same test crops as the cINN's)")
+        return self
+
+    @model_validator(mode="after")
+    def _check_layerwise(self) -> "Params":
+        lw = self.layerwise
+        if lw is None:
+            return self
+        unknown = [d for d in lw.denoisers if d not in self.denoisers.names]
+        if unknown:
+            raise ValueError(f"layerwise.denoisers {', '.join(unknown)}: unknown; allowed: "
+                             f"{', '.join(self.denoisers.names)}")
+        if lw.n_crops > self.invariances.n_crops:
+            raise ValueError(f"layerwise.n_crops {lw.n_crops} must be <= invariances.n_crops "
+                             f"{self.invariances.n_crops} (the same test crops as the cINN's)")
+        if self.vae.latent != "spatial":
+            raise ValueError("layerwise needs vae.latent: spatial (its cINNs are convolutional and "
+                             "train on the spatial cVAE's pool; params/paper_spatial.yaml at paper "
+                             "scale); remove the layerwise section")
         return self
 
     @model_validator(mode="after")

@@ -208,16 +208,24 @@ def elbo_terms(x: Tensor, x_rec: Tensor, mu: Tensor, logvar: Tensor,
 class ConditionEncoder(nn.Module):
     """Conv net over unshuffle(ŷ) to a condition map at the latent's resolution.
 
+    ``in_channels`` > 1: the condition is a feature map Φ_l(x) of the crop's size (layer-wise
+    invariances, :class:`invariscope.models.layers.LayerFeatures`); more than ``squeeze``
+    channels are first projected to ``squeeze`` by a learned 1×1 convolution.
+
     3×3 convs of ``width`` with the given ``dilations`` (LeakyReLU 0.2 after each), then a 1×1
     conv to ``out_channels``.
     """
 
     def __init__(self, downsample: int, width: int, out_channels: int,
-                 dilations: Sequence[int] = (1, 2, 4)) -> None:
+                 dilations: Sequence[int] = (1, 2, 4), in_channels: int = 1,
+                 squeeze: int = 8) -> None:
         super().__init__()
         self.downsample = downsample
+        # a feature map wider than ``squeeze`` channels: a learned 1×1 projection at full
+        # resolution first (a 3×3 conv over C·d² unshuffled channels would cost C times more)
+        self.squeeze = (nn.Conv2d(in_channels, squeeze, 1) if in_channels > squeeze else None)
         layers: list[nn.Module] = []
-        ch = downsample * downsample
+        ch = min(in_channels, squeeze) * downsample * downsample
         for dil in dilations:
             layers += [nn.Conv2d(ch, width, 3, padding=dil, dilation=dil), _act()]
             ch = width
@@ -225,6 +233,8 @@ class ConditionEncoder(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, y_hat: Tensor) -> Tensor:
+        if self.squeeze is not None:
+            y_hat = self.squeeze(y_hat)
         return self.net(F.pixel_unshuffle(y_hat, self.downsample))
 
 
@@ -253,7 +263,7 @@ class ConvolutionalINN(nn.Module):
     def __init__(self, latent_shape: Sequence[int], downsample: int, n_blocks: int = 8,
                  subnet_width: int = 64, cond_width: int = 48, cond_channels: int = 32,
                  dilations: Sequence[int] = (1, 2, 4), clamp: float = 2.0, seed: int = 0,
-                 coarse_blocks: int = 0) -> None:
+                 coarse_blocks: int = 0, cond_in_channels: int = 1) -> None:
         super().__init__()
         self.latent_shape = tuple(int(v) for v in latent_shape)
         self.latent_dim = int(np.prod(self.latent_shape))
@@ -266,8 +276,9 @@ class ConvolutionalINN(nn.Module):
         self.config = dict(latent_shape=self.latent_shape, downsample=downsample, n_blocks=n_blocks,
                            subnet_width=subnet_width, cond_width=cond_width,
                            cond_channels=cond_channels, dilations=tuple(dilations), clamp=clamp,
-                           coarse_blocks=self.coarse_blocks)
-        self.embedder = ConditionEncoder(downsample, cond_width, cond_channels, dilations)
+                           coarse_blocks=self.coarse_blocks, cond_in_channels=cond_in_channels)
+        self.embedder = ConditionEncoder(downsample, cond_width, cond_channels, dilations,
+                                         in_channels=cond_in_channels)
         np_state = np.random.get_state()  # soft permutations draw from NumPy's global RNG
         try:
             np.random.seed(seed)

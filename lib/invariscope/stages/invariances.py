@@ -94,7 +94,8 @@ def _sample_chunk(denoiser_model: nn.Module, vae: nn.Module, cinn: nn.Module | N
                   crops: CropDataset, first: int, specs: Sequence[CropSpec], n_inv: int,
                   batch_size: int, seed: int, mode: str, norm: Normalizer,
                   timings: dict[str, float] | None, outputs: bool = True,
-                  precision: str = "fp32") -> dict[str, np.ndarray]:
+                  precision: str = "fp32",
+                  condition: nn.Module | None = None) -> dict[str, np.ndarray]:
     t = timings if timings is not None else {}
     dev = module_device(vae)
     mp = Precision(precision, dev)  # the generation only: f(x) and f(x̃) stay float32
@@ -118,8 +119,9 @@ def _sample_chunk(denoiser_model: nn.Module, vae: nn.Module, cinn: nn.Module | N
     latent_shape = tuple(vae.latent_shape)
     cond = mu = std = None
     if mode == "cinn":
+        c_in = y_hat if condition is None else _batched(condition, x_dev, batch_size)
         with mp.autocast():
-            cond = _batched(cinn.embed, y_hat, batch_size).float()
+            cond = _batched(cinn.embed, c_in, batch_size).float()
         t0 = tick("cinn", t0)
     elif mode == "posterior":
         enc = [vae.encode(x_dev[i:i + batch_size], y_hat[i:i + batch_size])
@@ -175,7 +177,8 @@ def sample_invariances(denoiser_model: nn.Module, vae: nn.Module, cinn: nn.Modul
                        progress: bool = True, desc: str | None = None,
                        timings: dict[str, float] | None = None,
                        posterior: bool = False, outputs: bool = True,
-                       precision: str = "fp32") -> dict[str, np.ndarray]:
+                       precision: str = "fp32",
+                       condition: nn.Module | None = None) -> dict[str, np.ndarray]:
     """``n_invariances`` invariances x̃ of ``denoiser_model`` for each crop, with f(x̃).
 
     ``crops``: (slice index, top, left) specs of ``split`` (e.g. from
@@ -193,7 +196,9 @@ def sample_invariances(denoiser_model: nn.Module, vae: nn.Module, cinn: nn.Modul
     part (``load``, ``denoiser``, ``cinn``, ``decoder``, ``other``). ``outputs=False`` skips
     f(x̃) (``f_x_tilde`` then has shape (N, 0, c, c)): for uses that need x̃ only.
     ``precision``: the generation (cINN and decoder) under autocast (:mod:`invariscope.precision`);
-    the denoiser's f(x) and f(x̃) always run in float32.
+    the denoiser's f(x) and f(x̃) always run in float32. ``condition``: what the cINN is
+    conditioned on, as a module of x (None: ŷ = f(x); a layer's
+    :class:`~invariscope.models.layers.LayerFeatures` for layer-wise invariances).
 
     Returns a dict of arrays: ``x``, ``y``, ``y_hat`` (N, c, c) float32 HU; ``x_tilde``,
     ``f_x_tilde`` (N, M, c, c) float16 HU; ``crops`` (N, 3) int64; and 0-d ``seed``,
@@ -231,7 +236,8 @@ def sample_invariances(denoiser_model: nn.Module, vae: nn.Module, cinn: nn.Modul
                 part = None
         if part is None:
             part = _sample_chunk(denoiser_model, vae, cinn, crop_ds, a, crops[a:b], n_invariances,
-                                 batch_size, seed, mode, norm, timings, outputs, precision)
+                                 batch_size, seed, mode, norm, timings, outputs, precision,
+                                 condition)
             if f is not None:
                 atomic.save_npz(f, key=np.asarray(key), **part)
         parts.append(part)
@@ -247,14 +253,16 @@ def sample_invariances_cached(path: str | Path, denoiser_model: nn.Module, vae: 
                               n_invariances: int, batch_size: int, seed: int, prior: bool = False,
                               *, split: str = "test", models: str = "", chunk_crops: int = 16,
                               force: bool = False, progress: bool = True,
-                              outputs: bool = True, precision: str = "fp32") -> dict[str, np.ndarray]:
+                              outputs: bool = True, precision: str = "fp32",
+                              condition: nn.Module | None = None) -> dict[str, np.ndarray]:
     """:func:`sample_invariances` into ``path`` (.npz), reusing it when its key matches.
 
     ``models``: identity of the networks (e.g. :func:`invariscope.provenance.cinn_identity`);
     a file of other crops, counts, seed or models is resampled. While sampling, chunk files go to
     ``<path stem>.chunks/`` beside it (an interrupted run resumes there); they are merged into
     ``path`` and deleted at the end. ``force=True`` resamples everything. ``outputs=False``: skip
-    f(x̃) (see :func:`sample_invariances`); ``precision``: of the generation (part of the key).
+    f(x̃) (see :func:`sample_invariances`); ``precision``: of the generation (part of the key);
+    ``condition``: see :func:`sample_invariances` (its identity belongs in ``models``).
     """
     path = Path(path)
     key = invariance_key(crops, n_invariances, seed, prior, split, models, outputs, precision)
@@ -272,7 +280,8 @@ def sample_invariances_cached(path: str | Path, denoiser_model: nn.Module, vae: 
             return load_invariances(path)
     result = sample_invariances(denoiser_model, vae, cinn, dataset, crops, n_invariances, batch_size,
                                 seed, prior, split=split, chunk_dir=chunks, chunk_crops=chunk_crops,
-                                key=key, progress=progress, outputs=outputs, precision=precision)
+                                key=key, progress=progress, outputs=outputs, precision=precision,
+                                condition=condition)
     save_invariances(path, result)
     shutil.rmtree(chunks, ignore_errors=True)
     return result
