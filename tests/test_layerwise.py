@@ -222,6 +222,19 @@ def test_monotonicity_flags_only_significant_shrinking():
     assert out[3]["sd_change_se_hu"] == pytest.approx(d.std(ddof=1) / math.sqrt(12))
 
 
+def test_layer_cinn_settings_override_the_cinn_section():
+    params = load_params("default")
+    lp = lw.layer_params(params)
+    assert (lp.cinn.n_blocks, lp.cinn.batch_size, lp.cinn.spatial.subnet_width) == (4, 16, 32)
+    assert lp.cinn.lr == params.cinn.lr and params.cinn.n_blocks == 8   # the rest untouched
+    assert lw.build_layer_cinn(params, 64).embedder.squeeze is not None
+    assert not lw._reuses_output_cinn(params, OUTPUT, "low")           # overrides: retrained
+    plain = load_params("default", {"layerwise.iterations": None, **{
+        f"layerwise.cinn.{k}": None for k in ("n_blocks", "subnet_width", "cond_width", "batch_size")}})
+    assert lw._reuses_output_cinn(plain, OUTPUT, "low") and not lw._reuses_output_cinn(plain, OUTPUT, "high")
+    assert lw.layer_params(plain) is plain
+
+
 def test_default_profile_layers_exist_in_the_built_in_denoisers():
     params = load_params("default")
     nets = {"cnn10": CNN10(), "wganvgg": WGANVGGGenerator()}

@@ -436,10 +436,13 @@ def layerwise(sets: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]],
     lead = 2 if target else 1
     n_cols = lead + n_show + 1
     n_rows = len(rows) + (0 if target else 1)
-    fig = plt.figure(figsize=(cell_inches * n_cols, cell_inches * n_rows + (0.6 if target else 1.2)))
-    grid = fig.add_gridspec(n_rows, n_cols, height_ratios=[1] * len(rows) + ([] if target else [1.3]),
-                            left=0.08, right=0.9, top=0.95, bottom=0.1 if not target else 0.14,
-                            wspace=0.05, hspace=0.12)
+    height = cell_inches * len(rows) + (0.9 if target else cell_inches * 1.4 + 1.4)
+    fig = plt.figure(figsize=(cell_inches * n_cols, height))
+    img_bottom = (0.9 if target else cell_inches * 1.4 + 1.4) / height
+    grid = fig.add_gridspec(len(rows), n_cols, left=0.08, right=0.9, top=1 - 0.3 / height,
+                            bottom=img_bottom, wspace=0.05, hspace=0.12)
+    curves = None if target else fig.add_gridspec(
+        1, 2, left=0.1, right=0.9, top=img_bottom - 0.35 / height, bottom=0.75 / height, wspace=0.3)
     lo, hi = window_limits(*window)
     sds = [invariance_sd(np.asarray(sets[d][l]["x_tilde"][crop_index:crop_index + 1]))[0]
            for d, l in rows]
@@ -471,12 +474,13 @@ def layerwise(sets: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]],
     if im_sd is not None:
         top = fig.axes[0].get_position().y1
         bottom = fig.axes[(len(rows) - 1) * n_cols].get_position().y0
-        fig.colorbar(im_sd, cax=fig.add_axes((0.915, bottom, 0.012, top - bottom)),
-                     label="SD over invariances (HU)")
+        cbar = fig.colorbar(im_sd, cax=fig.add_axes((0.915, bottom, 0.012, top - bottom)))
+        cbar.set_label("SD (HU)", fontsize=7)
+        cbar.ax.tick_params(labelsize=6)
     if not target:
         for k, (col, label) in enumerate((("invariance_sd_hu", "mean invariance SD (HU)"),
                                           ("input_change_hu", "mean |x̃ − x| (HU)"))):
-            ax = fig.add_subplot(grid[len(rows), k * (n_cols // 2):(k + 1) * (n_cols // 2)])
+            ax = fig.add_subplot(curves[0, k])
             for d, part in table.groupby("denoiser", sort=False):
                 part = part.sort_values("depth")
                 rel = (part["depth"] + 1) / len(part)

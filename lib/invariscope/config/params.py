@@ -637,6 +637,16 @@ class TargetDomainParams(_Section):
                                 "vae.spatial)")
 
 
+class LayerCINNParams(_Section):
+    """Settings of the layer cINNs that differ from the ``cinn`` section (null: the cinn's)."""
+
+    n_blocks: int | None = Field(None, ge=1, description="coupling blocks")
+    subnet_width: int | None = Field(None, ge=4, description="channels of the coupling subnets")
+    cond_width: int | None = Field(None, ge=4, description="channels of the condition network")
+    batch_size: int | None = Field(None, ge=1, description="latents per step")
+    lr: float | None = Field(None, gt=0, description="Adam learning rate")
+
+
 class LayerwiseParams(_Section):
     """Layer-wise invariances (talk 002, after Rombach et al. 2020; ``08_layerwise.ipynb``): per
     denoiser f = Ψ ∘ Φ_l and listed layer l, a cINN t(z | Φ_l(x)) on the cVAE's latents, sampled
@@ -648,6 +658,9 @@ class LayerwiseParams(_Section):
     iterations: int | None = Field(
         None, ge=1, description="cINN steps per layer (its other settings: cinn); null: "
         "cinn.iterations, and the output layer reuses the trained cINN of 03_cinn.ipynb")
+    cinn: LayerCINNParams = Field(default_factory=LayerCINNParams,
+                                  description="layer cINNs' settings that differ from the cinn section "
+                                  "(every layer, the output's too, then trains its own)")
     n_crops: int = Field(ge=1, description="the first n of the invariance stage's test crops "
                          "(<= invariances.n_crops)")
     n_invariances: int = Field(ge=2, description="invariances per crop and layer (the talk: 250)")

@@ -43,7 +43,7 @@ from invariscope.models.spatial import ConvolutionalINN
 from invariscope.names import cinn_name
 from invariscope.precision import Precision
 from invariscope.provenance import (best_checkpoint, checkpoint_sha, cinn_fingerprint, cinn_identity,
-                                    dataset_key, stage_dir, vae_fingerprint, vae_identity)
+                                    dataset_key, stage_dir, vae_identity)
 from invariscope.stages import invariances as inv
 from invariscope.stages.cinn_training import (_latent_pool, build_cinn, encode_latents, load_cinn,
                                               load_models)
@@ -93,8 +93,21 @@ def layer_dir(params: Params, denoiser: str, layer: str, domain: Domain = "low",
 
 
 def _reuses_output_cinn(params: Params, layer: str, domain: Domain) -> bool:
-    """The output layer of the low-dose domain is the cINN of 03_cinn.ipynb when the steps agree."""
-    return domain == "low" and layer == OUTPUT and _cfg(params).iterations is None
+    """The output layer of the low-dose domain is the cINN of 03_cinn.ipynb when nothing differs."""
+    cfg = _cfg(params)
+    return (domain == "low" and layer == OUTPUT and cfg.iterations is None
+            and not cfg.cinn.model_dump(exclude_none=True))
+
+
+def layer_params(params: Params) -> Params:
+    """``params`` with the ``cinn`` section the layer cINNs use (``layerwise.cinn`` applied)."""
+    o = _cfg(params).cinn
+    c = params.cinn
+    top = {k: getattr(o, k) for k in ("n_blocks", "batch_size", "lr") if getattr(o, k) is not None}
+    sp = {k: getattr(o, k) for k in ("subnet_width", "cond_width") if getattr(o, k) is not None}
+    if sp:
+        top["spatial"] = c.spatial.model_copy(update=sp)
+    return params.model_copy(update={"cinn": c.model_copy(update=top)}) if top else params
 
 
 def _iterations(params: Params) -> int:
@@ -115,7 +128,7 @@ def target_vae_fingerprint(denoiser: str, params: Params, dataset: CTDataset,
     checkpoint) with the domain and the target's steps."""
     name = cinn_name(denoiser, params)
     t = _cfg(params).target
-    low = vae_fingerprint(name, params, dataset, stage_dir(params, "denoisers", denoiser_dir))
+    low = vae_identity(name, params, dataset, None, denoiser_dir)  # its start: the low-dose cVAE
     return f"target-vae-{name}-{digest({'vae': low, 'iterations': t.vae_iterations if t else None})}"
 
 
@@ -145,7 +158,8 @@ def train_target_vae(denoiser: str, params: Params, dataset: CTDataset, force: b
                      denoiser_dir: str | Path | None = None) -> nn.Module:
     """Train (or resume, or reuse) the high-dose cVAE p(y | z, ŷ) of ``denoiser`` on the high-dose
     twins of its cVAE's pool; the settings of ``vae.spatial`` with ``layerwise.target.vae_iterations``
-    steps; best.pt by the validation MAE (HU) of y. Returns it in eval mode."""
+    steps, starting from the trained low-dose cVAE's weights (same architecture: a few hundred
+    steps then suffice); best.pt by the validation MAE (HU) of y. Returns it in eval mode."""
     name = cinn_name(denoiser, params)
     t = _cfg(params).target
     if t is None:
@@ -154,11 +168,14 @@ def train_target_vae(denoiser: str, params: Params, dataset: CTDataset, force: b
     ckpt = checkpoint_dir(stage_dir(params, "layerwise", out_dir) / name, "target_vae", force,
                           ("latent_pool.pt",))
     fp = target_vae_fingerprint(name, params, dataset, denoiser_dir)
-    den, _ = load_models(name, params, dataset, denoiser_dir=denoiser_dir)
+    den, low = load_models(name, params, dataset, denoiser_dir=denoiser_dir)
     dev = devices.of(params)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(params.seed)
         vae = build_vae(True, p, spatial=True).to(dev)
+    vae.load_state_dict(low.state_dict())  # a resumed run overwrites this with last.pt
+    for q in vae.parameters():
+        q.requires_grad_(True)
     n_pool = params.vae.spatial.pool_size(name)
     holder: dict[str, torch.Tensor | None] = {"x": None, "y_hat": None}
     if n_pool:
@@ -232,6 +249,7 @@ def _frozen(module: nn.Module) -> nn.Module:
 def build_layer_cinn(params: Params, channels: int) -> nn.Module:
     """The profile's convolutional cINN (:func:`~invariscope.stages.cinn_training.build_cinn`) with
     a condition of ``channels`` channels at the crop's size (Φ_l(x)), seeded the same way."""
+    params = layer_params(params)
     if channels == 1:
         return build_cinn(params)
     c = params.cinn
@@ -257,8 +275,9 @@ def layer_fingerprint(denoiser: str, layer: str, domain: Domain, params: Params,
         folder = stage_dir(params, "layerwise", out_dir) / name / "target_vae"
         vae_id = f"{target_vae_fingerprint(name, params, dataset, denoiser_dir)}:" \
                  f"{checkpoint_sha(best_checkpoint(folder))}"
-    kept = set() if params.cinn.lr_final < 1.0 else {"iterations"}
-    payload = {"cinn": params.cinn.model_dump(mode="json", exclude=kept), "layer": layer,
+    lp = layer_params(params)
+    kept = set() if lp.cinn.lr_final < 1.0 else {"iterations"}
+    payload = {"cinn": lp.cinn.model_dump(mode="json", exclude=kept), "layer": layer,
                "domain": domain, "seed": params.seed, "dataset": dataset_key(dataset),
                "vae_identity": vae_id}
     if "iterations" not in kept:
@@ -362,7 +381,7 @@ def train_layer_cinn(denoiser: str, layer: str, params: Params, dataset: CTDatas
         feats = None if cond is None else _features(cond, xy["x"], dev, progress,
                                                     f"Φ({layer}) of the pool")
     model = build_layer_cinn(params, channels).to(dev)
-    c = params.cinn
+    c = layer_params(params).cinn
     n_steps = _iterations(params)
     opt = torch.optim.Adam(model.parameters(), lr=c.lr, betas=(c.beta1, c.beta2))
     mp = Precision(params.precision, dev)
