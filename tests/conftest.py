@@ -42,7 +42,7 @@ def one_thread():
 #: Overrides of the smoke profile that make every model of the pipeline tiny (seconds per stage),
 #: with the paper's global-latent design (:data:`TINY_SPATIAL`: the spatial one).
 TINY_PIPELINE = {
-    "vae.latent": "global", "vae.spatial": None, "cinn.spatial": None,
+    "vae.latent": "global", "vae.spatial": None, "cinn.spatial": None, "layerwise": None,
     "vae.iterations": 1, "vae.batch_size": 2, "vae.n_val_crops": 2, "vae.n_test_crops": 2,
     "vae.checkpoint_every": 1, "vae.validate_every": 1,
     "cinn.n_blocks": 2, "cinn.hidden": 16, "cinn.hidden_depth": 1, "cinn.base_channels": 4,
@@ -57,7 +57,7 @@ TINY_PIPELINE = {
 
 #: :data:`TINY_PIPELINE` with the spatial-latent cVAEs and convolutional cINNs of the smoke profile.
 TINY_SPATIAL = {
-    **{k: v for k, v in TINY_PIPELINE.items() if not k.startswith(("vae.latent", "vae.spatial",
+    **{k: v for k, v in TINY_PIPELINE.items() if not k.startswith(("vae.latent", "vae.spatial", "layerwise",
                                                                     "cinn."))},
     "vae.spatial.iterations": 2, "vae.spatial.pool_crops": 8, "vae.spatial.pool_crops_by_denoiser": {},
     "vae.spatial.latent_channels": 2, "vae.spatial.encoder_width": 4, "vae.spatial.decoder_width": 4,

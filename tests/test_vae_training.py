@@ -24,7 +24,8 @@ from invariscope.stages.training import CheckpointMismatchError, NonFiniteLossEr
 # The smoke vae section with the global design, shrunk further: 32x32 crops, batch 2, a handful
 # of steps.
 _SMALL = {
-    **{k: v for k, v in TINY_PIPELINE.items() if k.startswith(("cinn.", "vae.latent", "vae.spatial"))},
+    **{k: v for k, v in TINY_PIPELINE.items() if k.startswith(("cinn.", "vae.latent", "vae.spatial",
+                                                                "layerwise"))},
     "vae.latent_dim": 8,
     "vae.z_chunk": 2,
     "vae.encoder_width": 4,
