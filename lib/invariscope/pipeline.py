@@ -201,7 +201,7 @@ def upstream(jobs: list[Job], job: Job) -> list[Job]:
     """The jobs of ``jobs`` that ``job`` reads: a per-denoiser job reads the earlier jobs of its
     own denoiser, the stages' extra runs and the data stage (not summaries such as Table 1, so
     adding a denoiser leaves the others' jobs alone); a once-per-profile job reads every earlier
-    job."""
+    job. A job of a stage with a ``subset`` is read only by stages of the same subset."""
     order = [s.name for s in STAGES]
     first_per_denoiser = min(i for i, s in enumerate(STAGES) if s.per_denoiser)
     rank = order.index(job.stage.name)
@@ -209,6 +209,8 @@ def upstream(jobs: list[Job], job: Job) -> list[Job]:
     def feeds(j: Job) -> bool:
         if order.index(j.stage.name) >= rank:
             return False
+        if j.stage.subset is not None and j.stage.subset != job.stage.subset:
+            return False  # the talks' stages (optimized, layerwise) do not read each other
         if not job.stage.per_denoiser:
             return True
         if not j.stage.per_denoiser:

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from invariscope.models.custom import ContractCheck, HUAdapter
+
 __all__ = ["OUTPUT", "LayerNotFoundError", "layer_paths", "resolve_layer", "LayerFeatures",
            "feature_shape"]
 
@@ -47,8 +49,6 @@ def layer_paths(model: nn.Module) -> list[str]:
 
 def _prefix(model: nn.Module) -> str:
     """The path of the user's module inside the companion's wrappers ('' for built-ins)."""
-    from invariscope.models.custom import ContractCheck, HUAdapter
-
     prefix, m = "", model
     while isinstance(m, (ContractCheck, HUAdapter)):
         prefix, m = prefix + "model.", m.model
