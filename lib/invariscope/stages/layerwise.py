@@ -45,8 +45,8 @@ from invariscope.precision import Precision
 from invariscope.provenance import (best_checkpoint, checkpoint_sha, cinn_fingerprint, cinn_identity,
                                     dataset_key, stage_dir, vae_identity)
 from invariscope.stages import invariances as inv
-from invariscope.stages.cinn_training import (_latent_pool, build_cinn, encode_latents, load_cinn,
-                                              load_models)
+from invariscope.stages.cinn_training import (_frozen, _latent_pool, build_cinn, encode_latents,
+                                              load_cinn, load_models)
 from invariscope.stages.training import (BatchStream, checkpoint_dir, cosine_lr, load_best, pool_batches,
                                          train)
 from invariscope.stages.vae_training import _make_spatial_step, build_vae, training_pool
@@ -223,6 +223,15 @@ def load_target_vae(denoiser: str, params: Params, dataset: CTDataset,
     return _frozen(vae.to(devices.of(params)))
 
 
+def target_vae_identity(denoiser: str, params: Params, dataset: CTDataset,
+                        out_dir: str | Path | None = None, denoiser_dir: str | Path | None = None) -> str:
+    """``<fingerprint>:<checkpoint_sha>`` of the trained high-dose cVAE (what its latents depend on)."""
+    name = cinn_name(denoiser, params)
+    folder = stage_dir(params, "layerwise", out_dir) / name / "target_vae"
+    return (f"{target_vae_fingerprint(name, params, dataset, denoiser_dir)}:"
+            f"{checkpoint_sha(best_checkpoint(folder))}")
+
+
 @torch.no_grad()
 def reconstruction_mae_hu(vae: nn.Module, images: torch.Tensor, y_hat: torch.Tensor,
                           std_hu: float, batch_size: int = 32) -> float:
@@ -235,12 +244,6 @@ def reconstruction_mae_hu(vae: nn.Module, images: torch.Tensor, y_hat: torch.Ten
         errs.append((rec - images[i:i + batch_size]).abs().flatten(1).mean(1))
     vae.train(was)
     return float(torch.cat(errs).mean()) * std_hu
-
-
-def _frozen(module: nn.Module) -> nn.Module:
-    for q in module.parameters():
-        q.requires_grad_(False)
-    return module.eval()
 
 
 # --------------------------------------------------------------------------------------
@@ -272,9 +275,7 @@ def layer_fingerprint(denoiser: str, layer: str, domain: Domain, params: Params,
     if domain == "low":
         vae_id = vae_identity(name, params, dataset, vae_dir, denoiser_dir)
     else:
-        folder = stage_dir(params, "layerwise", out_dir) / name / "target_vae"
-        vae_id = f"{target_vae_fingerprint(name, params, dataset, denoiser_dir)}:" \
-                 f"{checkpoint_sha(best_checkpoint(folder))}"
+        vae_id = target_vae_identity(name, params, dataset, out_dir, denoiser_dir)
     lp = layer_params(params)
     kept = set() if lp.cinn.lr_final < 1.0 else {"iterations"}
     payload = {"cinn": lp.cinn.model_dump(mode="json", exclude=kept), "layer": layer,
@@ -372,10 +373,9 @@ def train_layer_cinn(denoiser: str, layer: str, params: Params, dataset: CTDatas
                                cinn_fingerprint(name, params, dataset, vae_dir, denoiser_dir), progress,
                                name, denoiser_dir)
         else:
-            vae_key = f"{target_vae_fingerprint(name, params, dataset, denoiser_dir)}:" \
-                      f"{checkpoint_sha(best_checkpoint(ckpt.parent.parent / 'target_vae'))}"
             lat = _target_latent_pool(vae, xy, ckpt.parent.parent / "target_vae" / "latent_pool.pt",
-                                      vae_key, dev)
+                                      target_vae_identity(name, params, dataset, out_dir, denoiser_dir),
+                                      dev)
         yh_pool = xy["y_hat"].to(dev)
         # Φ_l of the pool's crops, once (float16; f is frozen, so they never change)
         feats = None if cond is None else _features(cond, xy["x"], dev, progress,
