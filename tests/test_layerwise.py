@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _toy_vae import TOY_CONFIG, train_toy_vae
 from conftest import TINY_SPATIAL, make_dataset
 from invariscope.config.params import ParamsError, load_params
 from invariscope.models.custom import ContractCheck, HUAdapter
@@ -128,18 +129,8 @@ def test_a_layer_that_is_the_identity_keeps_everything():
     spread: 0.07). Here lr 5e-3, batch 16, 600 steps: 0.35 vs about 0.66."""
     torch.manual_seed(0)
     f = nn.Sequential(nn.Identity(), BlindSquare()).eval()
-    cfg = SpatialVAEConfig(crop_size=16, downsample=4, latent_channels=8, encoder_width=32,
-                           decoder_width=32, decoder_sd=0.1)
-    vae = SpatialVAE(cfg)
-    opt = torch.optim.Adam(vae.parameters(), lr=3e-3)
-    for _ in range(300):
-        x = _batch(32)
-        rec, mu, lv = vae(x, f(x))
-        loss = elbo_terms(x, rec, mu, lv, cfg.decoder_sd)["total"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    vae.eval()
+    cfg = TOY_CONFIG
+    vae = train_toy_vae(SpatialVAE(cfg), f, _batch, 300)
     sds = {}
     for layer in ("0", OUTPUT):
         cond = LayerFeatures(f, layer, size=16)

@@ -8,12 +8,14 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from invariscope import handoffs, provenance
 from invariscope.config.paths import repo_root
 from invariscope.notebook import setup
+from invariscope.stages import invariances as inv
 
 LIB = repo_root() / "lib" / "invariscope"
 NOTEBOOKS = sorted((repo_root() / "notebooks").glob("*.ipynb"))
@@ -67,6 +69,28 @@ def test_setup_gives_params_folders_and_no_data_when_not_asked():
         nb.dir("cinns")
 
 
+def test_controls_of_an_older_version_are_completed_from_the_stored_sets(tmp_path, capsys):
+    """A controls file that lacks a newer measure (its stage is up to date, so nothing reruns it)
+    gets that measure from its invariance sets, unchanged otherwise and without resampling."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 50, (2, 32, 32))
+    xt = (x[:, None] + rng.normal(0, 20, (2, 3, 32, 32))).astype(np.float16)
+    res = {"x": x, "y": x - 1.0, "y_hat": x, "x_tilde": xt, "f_x_tilde": xt * 0,
+           "crops": np.arange(2)}
+    inv.save_invariances(tmp_path / "cnn10.npz", res)
+    new = {"denoiser": "cnn10", **inv.control_measures(res, None), "n_crops": 2}
+    old = {k: v for k, v in new.items() if not k.endswith("_q_nyquist")}
+    handoffs.write_controls(old, tmp_path)
+    (row,) = handoffs.read_controls(tmp_path, ["cnn10"])
+    assert row == pytest.approx(new, nan_ok=True)
+    assert "added hf_share_q_nyquist, hf_share_ld_noise_q_nyquist" in capsys.readouterr().out
+    assert handoffs.read_controls(tmp_path, ["cnn10"]) == [row]  # rewritten: read as it is now
+    (tmp_path / "cnn10.npz").unlink()
+    handoffs.write_controls(old, tmp_path)
+    with pytest.raises(FileNotFoundError, match="04_invariances.ipynb"):
+        handoffs.read_controls(tmp_path, ["cnn10"])
+
+
 def test_handoffs_round_trip_and_name_the_notebook_to_run(tmp_path):
     per_slice = pd.DataFrame({"patient": ["S001", "S001"], "slice": [0, 1], "psnr": [25.0, 26.5]})
     handoffs.write_test_metrics(per_slice, tmp_path, "cnn10")
@@ -74,7 +98,9 @@ def test_handoffs_round_trip_and_name_the_notebook_to_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="01_denoiser.ipynb for redcnn"):
         handoffs.read_test_metrics(tmp_path, "redcnn")
 
-    rows = [{"denoiser": "gaussri", "sd_ratio_smoothed": 14.9}, {"denoiser": "cnn10", "sd_ratio_smoothed": 1.2}]
+    full = dict.fromkeys(inv.MEASURES, 0.5)
+    rows = [{"denoiser": "gaussri", **full, "sd_ratio_smoothed": 14.9},
+            {"denoiser": "cnn10", **full, "sd_ratio_smoothed": 1.2}]
     for row in rows:
         handoffs.write_controls(row, tmp_path)
     assert handoffs.read_controls(tmp_path, ["gaussri", "cnn10"]) == rows

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _toy_vae import TOY_CONFIG, train_toy_vae
 from invariscope.config.params import ParamsError, load_params
 from invariscope.config.paths import repo_root
 from invariscope.models.spatial import ConvolutionalINN, SpatialVAE, SpatialVAEConfig, elbo_terms
@@ -124,8 +125,7 @@ class BlindSquare(torch.nn.Module):
 def test_toy_invariances_vary_only_what_the_denoiser_discards(one_thread):
     torch.manual_seed(0)
     f = BlindSquare()
-    cfg = SpatialVAEConfig(crop_size=16, downsample=4, latent_channels=8, encoder_width=32,
-                           decoder_width=32, decoder_sd=0.1)
+    cfg = TOY_CONFIG
     vae = SpatialVAE(cfg)
     cinn = ConvolutionalINN(cfg.latent_shape, 4, n_blocks=4, subnet_width=32, cond_width=16,
                             cond_channels=8, clamp=2.0, seed=0)
@@ -134,15 +134,7 @@ def test_toy_invariances_vary_only_what_the_denoiser_discards(one_thread):
         smooth = F.interpolate(torch.randn(n, 1, 4, 4), size=16, mode="bilinear", align_corners=False)
         return smooth + 0.5 * torch.randn(n, 1, 16, 16)
 
-    opt = torch.optim.Adam(vae.parameters(), lr=3e-3)
-    for _ in range(400):
-        x = batch(32)
-        rec, mu, lv = vae(x, f(x))
-        loss = elbo_terms(x, rec, mu, lv, cfg.decoder_sd)["total"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    vae.eval()
+    train_toy_vae(vae, f, batch, 400)
     opt = torch.optim.Adam(cinn.parameters(), lr=2e-3)
     for _ in range(300):
         x = batch(32)
@@ -201,6 +193,30 @@ def test_control_measures_report_regions_and_spectra():
         meas["sd_smoothed_inside_hu"] / meas["sd_smoothed_outside_hu"])
     assert meas["hf_share"] == pytest.approx(1 - np.pi / 16, abs=0.03)   # white deviations
     assert meas["hf_share_ld_noise"] == pytest.approx(1 - np.pi / 16, abs=0.02)
+    # a quarter of Nyquist (0.125 cycles / px, the probe's convention): white noise 1 - pi/64
+    assert meas["hf_share_q_nyquist"] == pytest.approx(1 - np.pi / 64, abs=0.02)
+    assert meas["hf_share_ld_noise_q_nyquist"] == pytest.approx(1 - np.pi / 64, abs=0.01)
+
+
+def test_spectrum_target_at_both_cutoffs():
+    """Deviations with no power between 0.125 and 0.25 cycles / px missing from the reference: a
+    spectrum bluer than LD - FD fails the 0.25 target and meets the quarter-Nyquist one, as the
+    default run's WGAN-VGG and DU-GAN do; both rows are reported when asked for."""
+    rng = np.random.default_rng(4)
+    n, m, c = 6, 8, 64
+    f = np.fft.fftfreq(c)
+    radius = np.hypot(f[:, None], f[None, :])
+    blue = lambda k: np.fft.ifft2(np.fft.fft2(rng.normal(0, 30, (n, k, c, c))) * (radius > 0.25)).real
+    x = rng.normal(0, 30, (n, c, c))                       # white "noise" x - y
+    xt = x[:, None] + blue(m)
+    res = {"x": x, "y": np.zeros_like(x), "y_hat": x, "x_tilde": xt, "f_x_tilde": xt}
+    meas = inv.control_measures(res, None)
+    assert meas["hf_share"] == pytest.approx(1.0) and meas["hf_share_q_nyquist"] == pytest.approx(1.0)
+    table = pd.DataFrame([{"denoiser": "cnn10", **meas}])
+    t = inv.check_targets(table, max_hf_gap_q_nyquist=0.1).set_index("target")
+    assert not t.loc["|hf_share - hf_share_ld_noise| <= 0.1", "passed"]          # 1 - 0.80
+    assert t.loc["|hf_share_q_nyquist - hf_share_ld_noise_q_nyquist| <= 0.1", "passed"]  # 1 - 0.95
+    assert "|hf_share_q_nyquist" not in " ".join(inv.check_targets(table).target)
 
 
 def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:

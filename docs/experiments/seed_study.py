@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = []
     for s in a.seeds:
         t = inv.check_targets(table[table.seed == s].drop(columns="seed"),
-                              max_calibration_gap=0.05 if "hf_share_x" in table else None)
+                              max_calibration_gap=0.05 if "hf_share_x" in table else None,
+                              max_hf_gap_q_nyquist=0.1 if "hf_share_q_nyquist" in table else None)
         lines.append(f"seed {s}: {int(t.passed.sum())} of {len(t)} targets met"
                      + "".join(f"\n  FAIL {r.denoiser} {r.target}: {r.value:.3f} vs {r.threshold:.3f}"
                                for r in t.itertuples() if not r.passed))

@@ -26,6 +26,7 @@ import pandas as pd
 
 from invariscope import atomic
 from invariscope.names import UNCONDITIONAL
+from invariscope.stages import invariances as inv
 
 __all__ = ["write_test_metrics", "read_test_metrics", "write_vae_report", "read_vae_report",
            "write_controls", "read_controls", "write_embedding_summary", "read_embedding_summary",
@@ -75,13 +76,26 @@ def write_controls(row: Mapping[str, Any], inv_dir: str | Path) -> Path:
 
 
 def read_controls(inv_dir: str | Path, methods: Sequence[str]) -> list[dict[str, Any]]:
-    """The control measures of every denoiser of ``methods`` (:func:`write_controls`), in order."""
+    """The control measures of every denoiser of ``methods`` (:func:`write_controls`), in order.
+
+    A file written before a measure was added (an older version of the library: its stage is up
+    to date, so nothing reruns it) is completed from the stored invariance sets beside it and
+    rewritten, without resampling."""
     rows = []
     for name in methods:
         path = Path(inv_dir) / f"{name}_controls.json"
         if not path.is_file():
             raise _missing(path, f"04_invariances.ipynb for {name}", "invariances")
-        rows.append(json.loads(path.read_text()))
+        row = json.loads(path.read_text())
+        lacking = [k for k in inv.MEASURES if k not in row]
+        if lacking:
+            prior = Path(inv_dir) / f"{name}_prior.npz"
+            measures = inv.control_measures(inv.load_invariances(Path(inv_dir) / f"{name}.npz"),
+                                            inv.load_invariances(prior) if prior.is_file() else None)
+            row.update({k: measures[k] for k in lacking})
+            write_controls(row, inv_dir)
+            print(f"{path.name}: added {', '.join(lacking)} from the stored invariances")
+        rows.append(row)
     return rows
 
 
