@@ -436,9 +436,9 @@ def layerwise(sets: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]],
     lead = 2 if target else 1
     n_cols = lead + n_show + 1
     n_rows = len(rows) + (0 if target else 1)
-    height = cell_inches * len(rows) + (0.9 if target else cell_inches * 1.4 + 1.4)
+    height = cell_inches * len(rows) + (0.5 if target else cell_inches * 1.4 + 1.4)
     fig = plt.figure(figsize=(cell_inches * n_cols, height))
-    img_bottom = (0.9 if target else cell_inches * 1.4 + 1.4) / height
+    img_bottom = (0.5 if target else cell_inches * 1.4 + 1.4) / height
     grid = fig.add_gridspec(len(rows), n_cols, left=0.08, right=0.9, top=1 - 0.3 / height,
                             bottom=img_bottom, wspace=0.05, hspace=0.12)
     curves = None if target else fig.add_gridspec(
